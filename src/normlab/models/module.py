@@ -1,0 +1,100 @@
+"""The LightningModule: a backbone trained with cross-entropy and Adam, metrics from torchmetrics.
+
+Optimization is manual so that one Lightning step may run several optimizer steps
+(`steps_per_call`): the data loader hands over a stack of K mini-batches and `training_step`
+walks through them. Lightning's per-step bookkeeping is then paid once per K optimizer steps,
+while `trainer.global_step` still counts optimizer steps (Lightning increments it on every
+`optimizer.step()` in manual mode), so checkpoints, logging cadence and ICS callbacks keep
+meaning optimizer steps.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ClassifierModule(pl.LightningModule):
+    """Wraps any backbone mapping a batch of inputs to class logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, lr: float, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.lr = lr
+        self.seed = seed
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{kind}": (
+                    MulticlassAccuracy(num_classes, average="micro") if kind == "acc" else MeanMetric()
+                )
+                for stage in ("train", "val", "test")
+                for kind in ("acc", "loss")
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def nonlinearities(self) -> dict[str, nn.Module]:
+        """Activation modules by layer name (`layer1`, ...), for the ICS callbacks."""
+        return self.backbone.nonlinearities()
+
+    def weight_layers(self) -> dict[str, nn.Module]:
+        """Linear/Conv modules by layer name (`layer1`, ..., `head`), for the ICS callbacks."""
+        return self.backbone.weight_layers()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout masks depend only on (seed, epoch), so a resumed run repeats the straight one.
+        torch.manual_seed(self.seed * 1_000_003 + self.current_epoch)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        xs, ys = batch
+        optimizer = self.optimizers()
+        for x, y in zip(xs, ys, strict=True):
+            logits = self(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            self._update("train", logits.detach(), y, loss.detach())
+        self.last_train_loss = loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
+        logits = self(x)
+        self._update(stage, logits, y, F.cross_entropy(logits, y))
+
+    def _update(self, stage: str, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        self.metrics[f"{stage}_acc"].update(logits, y)
+        self.metrics[f"{stage}_loss"].update(loss, weight=y.shape[0])
+
+    def _log_epoch(self, stage: str) -> None:
+        # compute() gathers the metric state of every DDP process, so each rank logs the global value.
+        for kind in ("loss", "acc"):
+            metric = self.metrics[f"{stage}_{kind}"]
+            self.log(f"{stage}/{kind}", metric.compute(), prog_bar=stage != "test")
+            metric.reset()

@@ -1,0 +1,171 @@
+"""Entry point: compose the config with Hydra, train, test, and write `metrics.json`.
+
+`train(cfg)` is a plain function (tests call it with a composed config); `main()` is the
+command line (`python train.py ...`). A run that raises is recorded as `status: failed` in its
+`metrics.json`; inside a sweep the other jobs go on and the sweep exits non-zero at the end
+(see `normlab.sweep.SweepSummary`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.config import CONFIG_DIR
+
+log = logging.getLogger("normlab")
+
+FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit then test the configured model; return (and write) the final metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    result: dict[str, Any] = {"status": "failed", "overrides": _task_overrides()}
+    started = time.perf_counter()
+    try:
+        result.update(_fit_and_test(cfg, output_dir))
+        result["status"] = "ok"
+    except Exception as error:
+        result["error"] = _one_line(error)
+        raise
+    finally:
+        result["train_seconds"] = round(time.perf_counter() - started, 3)
+        if _is_global_zero():
+            write_metrics(output_dir, result)
+    return result
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl  # heavy imports only once a run really starts
+    from hydra.utils import instantiate
+
+    from normlab.models.module import ClassifierModule
+
+    _set_threads(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    backbone = instantiate(
+        cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes,
+        _convert_="all",
+    )
+    module = ClassifierModule(backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_metrics = _scalars(trainer.callback_metrics)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = {**fit_metrics, **_scalars(trainer.callback_metrics)}
+    summary: dict[str, Any] = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
+    summary.update(epochs=trainer.current_epoch, steps=trainer.global_step)
+    summary["ics"] = {
+        layer: numbers
+        for callback in callbacks
+        if hasattr(callback, "ics_summary")
+        for layer, numbers in callback.ics_summary().items()
+    }
+    return summary
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _set_threads(cfg: DictConfig) -> None:
+    """Give each process its share of the cores: N processes x 2 threads on 2 cores crawl."""
+    import torch
+
+    threads = cfg.get("torch_threads")
+    if threads is None:
+        processes = _parallel_jobs() * _processes_per_job(cfg)
+        if processes == 1:
+            return
+        threads = max(1, (os.cpu_count() or 1) // processes)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by spawned DDP processes
+
+
+def _processes_per_job(cfg: DictConfig) -> int:
+    devices = cfg.trainer.get("devices", 1)
+    on_cpu = cfg.trainer.get("accelerator") == "cpu"
+    return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1
+
+
+def _parallel_jobs() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def _one_line(error: BaseException) -> str:
+    # Hydra wraps errors raised while instantiating (e.g. a bad model option): report the cause.
+    while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except Exception as error:
+        message = _one_line(error)
+        log.error(message)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if _is_multirun():  # recorded in metrics.json; the sweep goes on and fails at its end
+            return None
+        print(f"normlab: error: {message}", file=sys.stderr)
+        sys.exit(1)
+    log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
+    return result.get("val/acc")
+
+
+def main() -> None:
+    """Command line entry point (`python train.py`, `normlab-train`)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
