@@ -90,7 +90,7 @@ def init_weights(module: nn.Module, spec: Spec, activation: Spec = "relu") -> No
 
 
 class Block(nn.Sequential):
-    """weight layer -> norm -> activation -> dropout [-> pool]; the unit ICS is measured on."""
+    """linear|conv -> norm -> activation -> dropout [-> pool]; the unit ICS is measured on."""
 
     def __init__(
         self,
@@ -101,7 +101,7 @@ class Block(nn.Sequential):
         pool: nn.Module | None = None,
     ) -> None:
         parts: list[tuple[str, nn.Module]] = [
-            ("weight", weight),
+            ("linear" if isinstance(weight, nn.Linear) else "conv", weight),
             ("norm", norm),
             ("act", act),
             ("drop", nn.Dropout(dropout) if dropout > 0 else nn.Identity()),
@@ -123,7 +123,7 @@ class Backbone(nn.Module):
 
     def weight_layers(self) -> dict[str, nn.Module]:
         """`{"layer1": <Linear/Conv>, ..., "head": <Linear>}` in forward order."""
-        layers = {name: block.weight for name, block in self.blocks.named_children()}
+        layers = {name: block[0] for name, block in self.blocks.named_children()}
         layers["head"] = self.head
         return layers
 

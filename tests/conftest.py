@@ -1,0 +1,66 @@
+"""Shared test helpers: compose the real configs, run the real CLI, read event files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from normlab.config import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Two cores: one torch thread per process, or parallel processes crawl.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    """The real `train` config with overrides, writing into tmp_path (no Hydra run needed)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"paths.data_dir={tmp_path / 'data'}",
+                *QUIET,
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    return lambda *overrides: compose_cfg(tmp_path, *overrides)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess with one torch thread; output captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MPLBACKEND": "Agg"}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def event_tags(directory: Path) -> dict[str, set[str]]:
+    """Histogram and scalar tags in all TensorBoard event files under `directory`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set[str]] = {"histograms": set(), "scalars": set()}
+    for folder in {p.parent for p in directory.rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(folder), size_guidance={"histograms": 0, "scalars": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind].update(accumulator.Tags().get(kind, []))
+    return tags
