@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from normlab.config import CONFIG_DIR
 
@@ -21,21 +21,23 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
-
 
 def compose_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     """The real `train` config with overrides, writing into tmp_path (no Hydra run needed)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(
+        cfg = compose(
             "train",
             overrides=[
                 f"paths.output_dir={tmp_path}",
                 f"paths.data_dir={tmp_path / 'data'}",
-                *QUIET,
                 *overrides,
             ],
         )
+    with open_dict(cfg):  # no progress bar in test logs
+        if cfg.get("callbacks"):
+            cfg.callbacks.pop("progress_bar", None)
+        cfg.trainer.enable_progress_bar = False
+    return cfg
 
 
 @pytest.fixture
@@ -49,7 +51,11 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     env.pop("HYDRA_FULL_ERROR")
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -10,7 +10,7 @@ NORMS = ["none", "bn", "custom_bn"]
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: l.weight.detach().clone() for n, l in model.weight_layers().items()}
+    return {n: layer.weight.detach().clone() for n, layer in model.weight_layers().items()}
 
 
 @pytest.mark.parametrize("cls", [MLP, CNN])
@@ -50,10 +50,12 @@ def test_norm_options_reach_the_layer():
 
 @pytest.mark.parametrize(
     ("init", "expected_std"),
-    [("he_normal", lambda fan_in, fan_out: math.sqrt(2 / fan_in)),
-     ("xavier_normal", lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))),
-     ("he_uniform", lambda fan_in, fan_out: math.sqrt(2 / fan_in)),
-     ("xavier_uniform", lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out)))],
+    [
+        ("he_normal", lambda fan_in, fan_out: math.sqrt(2 / fan_in)),
+        ("xavier_normal", lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))),
+        ("he_uniform", lambda fan_in, fan_out: math.sqrt(2 / fan_in)),
+        ("xavier_uniform", lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))),
+    ],
 )
 def test_init_schemes_have_their_variance(init, expected_std):
     torch.manual_seed(0)
@@ -65,8 +67,11 @@ def test_init_schemes_have_their_variance(init, expected_std):
 
 def test_zeros_init_makes_every_unit_identical():
     model = MLP((1, 8, 8), 10, init="zeros")
-    assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters()
-               if "linear" in n or n.startswith("head"))
+    assert all(
+        torch.count_nonzero(p) == 0
+        for n, p in model.named_parameters()
+        if "linear" in n or n.startswith("head")
+    )
 
 
 def test_normal_init_uses_its_std():
@@ -77,10 +82,12 @@ def test_normal_init_uses_its_std():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"norm": "foo"}, "norm='foo' is not valid; choose one of: none, bn, custom_bn"),
-     ({"activation": "gelu"}, "activation='gelu' is not valid; choose one of: relu, sigmoid"),
-     ({"init": "orthogonal"}, "init='orthogonal' is not valid; choose one of: default"),
-     ({"hidden_sizes": []}, "model.hidden_sizes is empty")],
+    [
+        ({"norm": "foo"}, "norm='foo' is not valid; choose one of: none, bn, custom_bn"),
+        ({"activation": "gelu"}, "activation='gelu' is not valid; choose one of: relu, sigmoid"),
+        ({"init": "orthogonal"}, "init='orthogonal' is not valid; choose one of: default"),
+        ({"hidden_sizes": []}, "model.hidden_sizes is empty"),
+    ],
 )
 def test_bad_choices_name_the_valid_ones(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         result.update(_fit_and_test(cfg, output_dir))
-        result["status"] = "ok"
+        result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
         result["error"] = _one_line(error)
         raise
@@ -53,11 +53,16 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     _set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    datamodule.load()  # missing files fail here, before a model or trainer exists
     backbone = instantiate(
-        cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes,
+        cfg.model,
+        input_shape=datamodule.input_shape,
+        num_classes=datamodule.num_classes,
         _convert_="all",
     )
-    module = ClassifierModule(backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed)
+    module = ClassifierModule(
+        backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed
+    )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -67,6 +72,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     metrics = {**fit_metrics, **_scalars(trainer.callback_metrics)}
     summary: dict[str, Any] = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
     summary.update(epochs=trainer.current_epoch, steps=trainer.global_step)
+    if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
+        summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = {
         layer: numbers
         for callback in callbacks

@@ -15,7 +15,7 @@ _GPU_RESIDENT_SHARE = 0.25
 
 
 class NormLabDataModule(pl.LightningDataModule):
-    """`name` picks the dataset (see `normlab.data.registry.DATASETS`); batches are tensor slices."""
+    """`name` picks the dataset (see `registry.DATASETS`); batches are tensor slices."""
 
     def __init__(
         self,
@@ -56,8 +56,9 @@ class NormLabDataModule(pl.LightningDataModule):
         splits = self.load()
         device = self._resident_device(splits)
         if device.type != "cpu":
-            self.splits = Splits(*((x.to(device), y.to(device)) for x, y in
-                                   (splits.train, splits.val, splits.test)))
+            self.splits = Splits(
+                *((x.to(device), y.to(device)) for x, y in (splits.train, splits.val, splits.test))
+            )
 
     def _resident_device(self, splits: Splits) -> torch.device:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
@@ -78,8 +79,14 @@ class NormLabDataModule(pl.LightningDataModule):
                 f"{world} processes"
             )
         return TensorBatches(
-            x, y, batch_size, train=train, seed=self.seed,
-            steps_per_call=self.steps_per_call, rank=rank, world_size=world,
+            x,
+            y,
+            batch_size,
+            train=train,
+            seed=self.seed,
+            steps_per_call=self.steps_per_call,
+            rank=rank,
+            world_size=world,
         )
 
     def train_dataloader(self) -> TensorBatches:

@@ -75,7 +75,7 @@ def _torchvision_dataset(class_name: str, root: Path, train: bool, download: boo
 
 
 def _missing_message(dataset_class: type, root: Path, download: bool) -> str:
-    if hasattr(dataset_class, "resources"):  # MNIST family: IDX files, .gz accepted
+    if hasattr(dataset_class, "resources"):  # MNIST family: IDX files (.gz copies are extracted)
         folder = root / dataset_class.__name__ / "raw"
         files = [Path(url).name.removesuffix(".gz") for url, _ in dataset_class.resources]
     else:  # CIFAR: the extracted python pickle batches
@@ -89,8 +89,18 @@ def _missing_message(dataset_class: type, root: Path, download: bool) -> str:
     )
 
 
+def _gunzip_copied_files(raw_folder: Path) -> None:
+    """torchvision reads only extracted IDX files; accept the .gz files people usually copy."""
+    from torchvision.datasets.utils import extract_archive
+
+    for archive in raw_folder.glob("*.gz"):
+        if not archive.with_suffix("").exists():
+            extract_archive(str(archive), str(raw_folder))
+
+
 def _load_mnist_like(class_name: str) -> Callable[[Path, bool], Splits]:
     def load(root: Path, download: bool) -> Splits:
+        _gunzip_copied_files(root / class_name / "raw")
         train_set = _torchvision_dataset(class_name, root, True, download)
         test_set = _torchvision_dataset(class_name, root, False, download)
         x = train_set.data.unsqueeze(1).float() / 255.0

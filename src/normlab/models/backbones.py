@@ -146,7 +146,9 @@ class MLP(Backbone):
     ) -> None:
         super().__init__()
         if len(hidden_sizes) == 0:
-            raise ValueError("model.hidden_sizes is empty; give at least one hidden size, e.g. [32, 32]")
+            raise ValueError(
+                "model.hidden_sizes is empty; give at least one hidden size, e.g. [32, 32]"
+            )
         sizes = [math.prod(input_shape), *hidden_sizes]
         self.flatten = nn.Flatten()
         self.blocks = nn.Sequential(
@@ -194,10 +196,14 @@ class CNN(Backbone):
                 f"{tuple(input_shape)}: use model=mlp"
             )
         if len(channels) == 0:
-            raise ValueError("model.channels is empty; give at least one channel count, e.g. [16, 32]")
+            raise ValueError(
+                "model.channels is empty; give at least one channel count, e.g. [16, 32]"
+            )
         blocks = OrderedDict()
         width = min(input_shape[1:])
-        for i, (c_in, c_out) in enumerate(zip([input_shape[0], *channels[:-1]], channels, strict=True)):
+        for i, (c_in, c_out) in enumerate(
+            zip([input_shape[0], *channels[:-1]], channels, strict=True)
+        ):
             pool = nn.MaxPool2d(2) if width >= 4 else None
             width = width // 2 if pool is not None else width
             blocks[f"layer{i + 1}"] = Block(

@@ -1,0 +1,111 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normlab.data.batches import TensorBatches
+from normlab.data.datamodule import NormLabDataModule
+from normlab.data.registry import DatasetMissingError, dataset_info, load_digits
+
+
+def test_digits_fixed_split_standardized():
+    splits = load_digits(Path("unused"), download=False)
+    assert [len(s[1]) for s in (splits.train, splits.val, splits.test)] == [1197, 300, 300]
+    assert splits.train[0].shape[1:] == (1, 8, 8) and splits.train[0].dtype == torch.float32
+    assert splits.train[0].mean().abs() < 1e-5 and (splits.train[0].std() - 1).abs() < 1e-3
+    again = load_digits(Path("unused"), download=False)
+    assert torch.equal(splits.test[0], again.test[0])  # independent of any run seed
+
+
+def batches(n=100, bs=8, **kw):
+    x = torch.arange(n, dtype=torch.float32).view(n, 1)
+    return TensorBatches(x, torch.arange(n), bs, train=True, **kw)
+
+
+def order_of(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([y.reshape(-1) for _, y in loader])
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    a, b = batches(seed=1), batches(seed=1)
+    assert torch.equal(order_of(a, 3), order_of(b, 3))
+    assert not torch.equal(order_of(a, 0), order_of(a, 1))
+    assert not torch.equal(order_of(a, 0), order_of(batches(seed=2), 0))
+    assert sorted(order_of(a, 0).tolist()) != list(range(96))  # shuffled...
+    assert len(set(order_of(a, 0).tolist())) == 96  # ...without repeats, last partial dropped
+
+
+def test_grouped_steps_give_the_same_minibatches():
+    single, grouped = batches(steps_per_call=1), batches(steps_per_call=5)
+    singles = [y[0] for _, y in single]
+    groups = [y for _, y in grouped]
+    assert len(grouped) == 3 and [g.shape[0] for g in groups] == [5, 5, 2]
+    assert all(x.shape == (5, 8, 1) for x, _ in list(grouped)[:2])
+    assert torch.equal(torch.stack(singles), torch.cat(groups))
+
+
+def test_ddp_ranks_split_every_global_batch():
+    ranks = [batches(seed=4, rank=r, world_size=2) for r in range(2)]
+    full = [y[0] for _, y in batches(seed=4)]
+    for step, (a, b) in enumerate(zip(*ranks, strict=True)):
+        together = torch.cat([a[1][0], b[1][0]])
+        assert sorted(together.tolist()) == sorted(full[step].tolist())
+
+
+def test_eval_batches_cover_everything_in_order():
+    loader = TensorBatches(torch.zeros(10, 2), torch.arange(10), 4, train=False)
+    assert [y.tolist() for _, y in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(loader) == 3
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The MNIST IDX format: magic (0, 0, dtype=0x08 ubyte, ndim), big-endian dims, raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fake_mnist(
+    root: Path, folder: str = "MNIST", n_train: int = 120, n_test: int = 30
+) -> None:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+)
+def test_mnist_family_loads_real_idx_files(tmp_path, name, folder):
+    make_fake_mnist(tmp_path, folder)
+    splits = dataset_info(name).load(tmp_path, False)
+    assert [len(s[1]) for s in (splits.train, splits.val, splits.test)] == [100, 20, 30]
+    assert splits.train[0].shape[1:] == (1, 28, 28)
+    assert splits.test[1].tolist() == [i % 10 for i in range(30)]
+
+
+def test_missing_mnist_says_which_files_and_where(tmp_path):
+    with pytest.raises(DatasetMissingError) as info:
+        dataset_info("mnist").load(tmp_path, False)
+    message = str(info.value)
+    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert str(tmp_path / "MNIST" / "raw") in message and "\n" not in message
+
+
+def test_missing_cifar_names_its_batches(tmp_path):
+    with pytest.raises(DatasetMissingError, match=r"data_batch_1.*test_batch.*cifar-10-batches-py"):
+        dataset_info("cifar10").load(tmp_path, False)
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(ValueError, match="data='foo' is not valid; choose one of: digits, mnist"):
+        NormLabDataModule(name="foo")
