@@ -1,29 +1,50 @@
 """Hydra callback that closes a sweep: one summary row per job, printed and saved as summary.md.
 
 It reads each job's `metrics.json`, so it works the same for every launcher (in-process,
-joblib workers, SLURM). A sweep in which any job failed exits non-zero after the summary.
+joblib workers, SLURM). A job dir without `metrics.json` (its process was killed) counts as
+failed. A sweep in which any job failed exits non-zero after the summary.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
+NO_METRICS = "no metrics.json: the job process died before writing it (killed? out of memory?)"
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job dirs of a sweep (those Hydra set up, or that wrote metrics.json), in job order."""
+    if not sweep_dir.is_dir():
+        return []
+    found = [
+        d
+        for d in sweep_dir.iterdir()
+        if d.is_dir() and ((d / "metrics.json").is_file() or (d / ".hydra").is_dir())
+    ]
+    return sorted(found, key=lambda d: _job_key(d.name))
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """`metrics.json` of every job under `sweep_dir`, with its job dir name under `job`."""
-    rows = []
-    for path in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_key(p.parent.name)):
-        metrics = json.loads(path.read_text())
-        rows.append({"job": path.parent.name, **metrics})
-    return rows
+    return [{"job": d.name, **read_job(d)} for d in job_dirs(sweep_dir)]
+
+
+def read_job(job_dir: Path) -> dict[str, Any]:
+    """A job's metrics.json, or a `failed` record when the job never wrote one."""
+    path = job_dir / "metrics.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    overrides = job_dir / ".hydra" / "overrides.yaml"
+    listed = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
+    return {"status": "failed", "error": NO_METRICS, "overrides": listed}
 
 
 def _job_key(name: str) -> tuple[int, str]:
@@ -38,15 +59,31 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _status_cell(row: dict[str, Any]) -> str:
+    status = row.get("status", "")
+    if status == "failed" and row.get("error"):
+        return f"failed: {row['error']}".replace("|", "/")
+    if status == "diverged" and row.get("diverged_at_step") is not None:
+        return f"diverged at step {row['diverged_at_step']}"
+    return _cell(status)
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per job; a failed job shows its error line."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells = [_cell(row.get(c)) for c in COLUMNS]
-        if row.get("status") == "failed" and row.get("error"):
-            cells[2] = f"failed: {row['error']}".replace("|", "/")
+        cells[COLUMNS.index("status")] = _status_cell(row)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def status_line(rows: list[dict[str, Any]]) -> str:
+    """E.g. `4 jobs: 2 ok, 1 diverged, 1 failed`."""
+    counts = Counter(row.get("status", "unknown") for row in rows)
+    parts = [f"{counts[s]} {s}" for s in ("ok", "diverged", "failed") if counts[s]]
+    parts += [f"{n} {s}" for s, n in counts.items() if s not in ("ok", "diverged", "failed")]
+    return f"{len(rows)} jobs: {', '.join(parts)}"
 
 
 class SweepSummary(Callback):
@@ -56,8 +93,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect_jobs(sweep_dir)
         table = summary_table(rows)
-        (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{table}")
-        print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
+        counts = status_line(rows)
+        (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}")
+        print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:
             print(f"normlab: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -28,6 +28,7 @@ class ClassifierModule(pl.LightningModule):
         self.backbone = backbone
         self.lr = lr
         self.seed = seed
+        self.diverged_at_step: int | None = None  # set when a training loss goes non-finite
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{kind}": (
@@ -59,6 +60,8 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         xs, ys = batch
         optimizer = self.optimizers()
+        first_step = self.global_step
+        losses = []
         for x, y in zip(xs, ys, strict=True):
             logits = self(x)
             loss = F.cross_entropy(logits, y)
@@ -66,7 +69,23 @@ class ClassifierModule(pl.LightningModule):
             self.manual_backward(loss)
             optimizer.step()
             self._update("train", logits.detach(), y, loss.detach())
+            losses.append(loss.detach())
         self.last_train_loss = loss.detach()
+        self._stop_if_diverged(torch.stack(losses), first_step)
+
+    def _stop_if_diverged(self, losses: torch.Tensor, first_step: int) -> None:
+        """Stop training at the first non-finite loss and remember its (1-based) optimizer step."""
+        # One host sync per Lightning step (not per optimizer step): index of the first bad loss.
+        steps = torch.arange(len(losses), device=losses.device)
+        first_bad = torch.where(torch.isfinite(losses), len(losses), steps).min()
+        if self.trainer.world_size > 1:  # every rank must stop at the same step, or DDP hangs
+            first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="min")
+        first_bad = int(first_bad)
+        if first_bad < len(losses):
+            self.diverged_at_step = first_step + first_bad + 1
+            # via callback_metrics the step reaches train.py, from ddp_spawn workers too
+            self.log("diverged_at_step", float(self.diverged_at_step))
+            self.trainer.should_stop = True
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
