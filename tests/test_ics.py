@@ -1,0 +1,352 @@
+"""ICS callbacks: what they log equals what they measured, when they log it, and that they leave
+training untouched."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, compose_cfg
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+from torch import nn
+from torch.func import functional_call
+
+from normlab.data.datamodule import NormLabDataModule
+from normlab.ics.activations import ActivationHistograms
+from normlab.ics.cadence import StepCadence
+from normlab.ics.events import read_scalars
+from normlab.ics.grad_shift import GradShift, grad_shift
+from normlab.ics.layout import IcsLayout
+from normlab.ics.stats import distribution_stats
+from normlab.ics.summary import activation_summary
+from normlab.ics.weights import WeightStats
+from normlab.models.backbones import MLP
+from normlab.models.module import ClassifierModule
+
+EVERY = 5
+STEPS_PER_CALL = 3
+STEPS = 1197 // 32  # digits: 1,197 training samples, batch 32, one epoch
+
+
+class SpyActivations(ActivationHistograms):
+    """Keeps a copy of every captured tensor, to recompute what should have been logged."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def log_activations(self, trainer, step, activations) -> None:
+        self.seen[step] = {k: v.clone() for k, v in activations.items()}
+        super().log_activations(trainer, step, activations)
+
+
+def fit(
+    root: Path, callbacks: list[pl.Callback], *, steps_per_call: int = 1, dropout: float = 0.0,
+    csv: bool = False, max_steps: int = -1,
+) -> tuple[pl.Trainer, ClassifierModule]:
+    pl.seed_everything(0, verbose=False)
+    datamodule = NormLabDataModule("digits", root=root / "data", batch_size=32,
+                                   steps_per_call=steps_per_call)
+    backbone = MLP(datamodule.input_shape, datamodule.num_classes, hidden_sizes=(16, 16),
+                   norm="bn", dropout=dropout)
+    module = ClassifierModule(backbone, datamodule.num_classes, lr=0.01)
+    loggers = [TensorBoardLogger(root, name="tb", version="")]
+    if csv:
+        loggers.append(CSVLogger(root, name="csv", version=""))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, max_steps=max_steps, logger=loggers, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module
+
+
+@pytest.fixture(scope="module")
+def icsrun(tmp_path_factory):
+    """One epoch on digits, 3 optimizer steps per Lightning batch, all ICS callbacks every 5."""
+    root = tmp_path_factory.mktemp("icsrun")
+    spy = SpyActivations(every_n_steps=EVERY, probe_size=64, output_dir=root)
+    shift = GradShift(every_n_steps=EVERY, output_dir=root)
+    callbacks = [spy, WeightStats(every_n_steps=EVERY), shift, IcsLayout()]
+    trainer, module = fit(root, callbacks, steps_per_call=STEPS_PER_CALL, csv=True)
+    return {"root": root, "spy": spy, "shift": shift, "trainer": trainer, "module": module,
+            "scalars": read_scalars(root / "tb")}
+
+
+def test_logged_percentiles_mean_std_equal_the_captured_tensor(icsrun):
+    scalars, seen = icsrun["scalars"], icsrun["spy"].seen
+    assert seen and set(seen[0]) == {"layer1", "layer2"}
+    for step, activations in seen.items():
+        for layer, x in activations.items():
+            values = x.double().numpy().ravel()
+            expected = dict(zip(("p15", "p50", "p85"), np.percentile(values, [15, 50, 85]),
+                                strict=True))
+            expected.update(mean=values.mean(), std=values.std(ddof=1))
+            for name, value in expected.items():
+                logged = scalars[f"ics/{layer}/{name}"][step]
+                assert logged == pytest.approx(value, rel=1e-5, abs=1e-6), (step, layer, name)
+
+
+def test_probe_is_held_out_and_fixed(icsrun):
+    datamodule = icsrun["trainer"].datamodule
+    val_x = datamodule.load().val[0]
+    assert torch.equal(icsrun["spy"].probe, val_x[:64])
+
+
+def test_histograms_and_grad_norms_are_logged(icsrun):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(icsrun["root"] / "tb"), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    histograms = set(accumulator.Tags()["histograms"])
+    assert {"activations/layer1", "activations/layer2"} <= histograms
+    assert {"weights/layer1", "weights/layer2", "weights/head"} <= histograms
+    first = accumulator.Histograms("activations/layer1")[0]
+    assert first.step == 0 and first.histogram_value.num == 64 * 16  # probe x units
+    assert {"grads/layer1/norm", "grads/layer2/norm", "grads/head/norm"} <= set(icsrun["scalars"])
+
+
+def test_scalars_reach_every_logger(icsrun):
+    header = (icsrun["root"] / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"ics/layer2/p50", "ics/layer2/grad_shift", "grads/head/norm"} <= set(header)
+
+
+def test_cadence_counts_optimizer_steps_not_batches(icsrun):
+    scalars = icsrun["scalars"]
+    assert icsrun["trainer"].global_step == STEPS
+    exact = set(range(0, STEPS, EVERY))
+    assert set(scalars["ics/layer1/p50"]) == exact
+    assert set(scalars["grads/layer1/norm"]) == exact
+    # grad shift needs a whole batch: the start of each batch whose 3 steps contain a multiple of 5
+    starts = range(0, STEPS, STEPS_PER_CALL)
+    due = {s for s in starts if any((s + k) % EVERY == 0
+                                    for k in range(min(STEPS_PER_CALL, STEPS - s)))}
+    assert set(scalars["ics/layer2/grad_shift"]) == due
+
+
+def test_step_cadence_rules():
+    cadence = StepCadence(5)
+    assert [s for s in range(12) if cadence.due(s)] == [0, 5, 10]
+    assert cadence.due_within(3, 3) and not cadence.due_within(6, 3) and cadence.due_within(10, 1)
+    with pytest.raises(ValueError):
+        StepCadence(0)
+
+
+def test_hooks_are_removed_after_training(icsrun):
+    for module in icsrun["module"].modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_summary_and_its_read_back_from_event_files(icsrun):
+    summary = icsrun["spy"].ics_summary()
+    p50 = icsrun["scalars"]["ics/layer2/p50"]
+    first, last = min(p50), max(p50)
+    assert summary["layer2"]["p50_travel"] == pytest.approx(abs(p50[last] - p50[first]))
+    assert icsrun["shift"].ics_summary()["layer2"]["grad_shift_mean"] > 0
+    # a callback that never trained (the parent process under ddp_spawn) reads rank 0's files
+    parent = ActivationHistograms(output_dir=icsrun["root"]).ics_summary()
+    assert parent.keys() == summary.keys() == {"layer1", "layer2"}
+    for layer, numbers in summary.items():
+        assert parent[layer] == pytest.approx(numbers)
+    assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer1", "layer2", "head"}
+    assert ActivationHistograms().ics_summary() == {}
+
+
+def test_summary_survives_a_checkpoint(icsrun):
+    restored = ActivationHistograms()
+    restored.load_state_dict(copy.deepcopy(icsrun["spy"].state_dict()))
+    assert restored.ics_summary() == icsrun["spy"].ics_summary()
+
+
+def test_percentiles_are_sampled_above_the_quantile_limit():
+    x = torch.arange(1000, dtype=torch.float32)
+    stats = distribution_stats(x, limit=100)
+    assert stats["p50"] == pytest.approx(float(np.percentile(np.arange(0, 1000, 10), 50)))
+    assert stats["mean"] == pytest.approx(499.5)  # mean and std use every value
+
+
+def tiny_model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(),
+                         nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(5, 3))
+
+
+def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+
+def test_grad_shift_equals_a_hand_computation_with_sgd():
+    model, (x, y), lr = tiny_model(), tiny_batch(), 0.5  # BN in train mode: batch statistics
+    params = dict(model.named_parameters())
+
+    def loss_at(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    grads = dict(zip(params, torch.autograd.grad(loss_at(params), list(params.values())),
+                     strict=True))
+    # G' of the head: layer 0 (Linear) and layer 1 (BN affine) moved by one SGD step
+    moved = {k: (v - lr * grads[k] if k.startswith(("0.", "1.")) else v) for k, v in params.items()}
+    (after,) = torch.autograd.grad(loss_at(moved), [params["4.weight"]])
+    expected = (grads["4.weight"] - after).norm().item()
+    cos = F.cosine_similarity(grads["4.weight"].reshape(-1), after.reshape(-1), dim=0).item()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    shifts = grad_shift(model, optimizer, {"layer1": model[0].weight, "head": model[4].weight},
+                        lambda: F.cross_entropy(model(x), y))
+    assert shifts["layer1"] == (0.0, 1.0)
+    assert shifts["head"][0] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert shifts["head"][1] == pytest.approx(cos, rel=1e-6)
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return copy.deepcopy({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "grads": [p.grad for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+        "training": model.training,
+    })
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            assert_same(u, v)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_grad_shift_with_adam_matches_a_copy_and_leaves_no_trace():
+    model, (x, y) = tiny_model(dropout=0.3), tiny_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):  # some optimizer state and running statistics to preserve
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    before = snapshot(model, optimizer)
+    shifts = grad_shift(model, optimizer, {"head": model[4].weight},
+                        lambda: F.cross_entropy(model(x), y))
+    assert_same(snapshot(model, optimizer), before)
+
+    # the same by hand on copies: one Adam step of the layers before the head, same dropout mask
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    twin_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    rng = torch.get_rng_state()
+    loss = F.cross_entropy(twin(x), y)
+    twin_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    g = twin[4].weight.grad.clone()
+    twin[4].weight.grad = twin[4].bias.grad = None
+    twin_opt.step()
+    torch.set_rng_state(rng)
+    twin_opt.zero_grad(set_to_none=True)
+    F.cross_entropy(twin(x), y).backward()
+    assert shifts["head"][0] == pytest.approx((g - twin[4].weight.grad).norm().item(), rel=1e-5)
+
+
+def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
+    def final_state(root, callbacks):
+        trainer, module = fit(root, callbacks, steps_per_call=2, dropout=0.2, max_steps=20)
+        assert trainer.global_step == 20
+        return copy.deepcopy({"model": module.state_dict(),
+                              "optimizer": trainer.optimizers[0].state_dict()})
+
+    plain = final_state(tmp_path / "plain", [])
+    measured = final_state(tmp_path / "measured", [
+        GradShift(every_n_steps=1), ActivationHistograms(every_n_steps=1),
+        WeightStats(every_n_steps=1), IcsLayout(),
+    ])
+    assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
+    assert_same(measured, plain)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_server_serves_the_ics_tags(icsrun):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(icsrun["root"] / "tb"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    try:
+        histograms = {}
+        for _ in range(60):
+            try:
+                histograms = fetch_json(f"{base}/histograms/tags")
+            except OSError:
+                histograms = {}
+            if any("activations/layer1" in tags for tags in histograms.values()):
+                break
+            time.sleep(1)
+        run_tags = next(iter(histograms.values()))
+        assert {"activations/layer1", "activations/layer2", "weights/head"} <= set(run_tags)
+        scalars = next(iter(fetch_json(f"{base}/scalars/tags").values()))
+        assert {f"ics/layer2/{s}" for s in ("p15", "p50", "p85", "mean", "std", "grad_shift")} \
+            <= set(scalars)
+        layout = json.dumps(fetch_json(f"{base}/custom_scalars/layout"))
+        assert "ics/layer2/p85" in layout and "MARGIN" in layout.upper()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_fig1_script_draws_a_png_from_a_short_sweep(tmp_path):
+    from normlab.train import train
+
+    sweep = tmp_path / "sweep"
+    for job, norm in enumerate(["none", "bn"]):
+        cfg = compose_cfg(sweep / str(job), "experiment=bn_paper_fig1", f"norm={norm}",
+                          "trainer.max_epochs=1", "callbacks.activation_histograms.every_n_steps=4")
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, sweep / str(job) / ".hydra" / "config.yaml")  # as Hydra would
+        metrics = train(cfg)
+        assert {"layer1", "layer2", "layer3"} <= metrics["ics"].keys()
+        scalars = read_scalars(sweep / str(job), "ics/")
+        assert all(f"ics/{layer}/grad_shift" in scalars for layer in ("layer1", "layer2", "layer3"))
+    out = tmp_path / "fig1.png"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fig1.py"), str(sweep),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_activation_summary_numbers():
+    series = {"ics/layer1/p15": {0: -1.0, 10: -3.0}, "ics/layer1/p50": {0: 0.0, 10: 0.5},
+              "ics/layer1/p85": {0: 1.0, 10: 2.0}}
+    assert activation_summary(series)["layer1"] == {
+        "p50_start": 0.0, "p50_end": 0.5, "p50_travel": 0.5, "p50_max_shift": 0.5,
+        "spread_start": 2.0, "spread_end": 5.0,
+    }
