@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import CONFIG_DIR
+from normlab.validate import ConfigError, check_group_choices, validate
 
 log = logging.getLogger("normlab")
 
@@ -32,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "failed", "overrides": _task_overrides()}
     started = time.perf_counter()
     try:
+        validate(cfg)
         result.update(_fit_and_test(cfg, output_dir))
         result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
@@ -66,12 +68,12 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_metrics = _scalars(trainer.callback_metrics)
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {**fit_metrics, **_scalars(trainer.callback_metrics)}
     summary: dict[str, Any] = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
-    summary.update(epochs=trainer.current_epoch, steps=trainer.global_step)
+    summary["epochs"], summary["steps"] = _progress(trainer)
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = {
@@ -81,6 +83,21 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         for layer, numbers in callback.ics_summary().items()
     }
     return summary
+
+
+def _progress(trainer: Any) -> tuple[int, int]:
+    """(epochs, optimizer steps) trained.
+
+    Under spawned DDP (trainer=ddp_cpu) training happens in child processes and this process's
+    loop counters stay at 0; Lightning hands back the path of rank 0's checkpoint, which has them.
+    """
+    checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if trainer.global_step == 0 and checkpoint:
+        import torch
+
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return saved["epoch"] + 1, saved["global_step"]
+    return trainer.current_epoch, trainer.global_step
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -133,6 +150,8 @@ def _one_line(error: BaseException) -> str:
     while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
         error = error.__cause__
     text = " ".join(str(error).split())
+    if isinstance(error, ConfigError):
+        return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -158,10 +177,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg)
     except Exception as error:
         message = _one_line(error)
-        log.error(message)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if _is_multirun():  # recorded in metrics.json; the sweep goes on and fails at its end
+            log.error(message)
             return None
         print(f"normlab: error: {message}", file=sys.stderr)
         sys.exit(1)
@@ -171,6 +190,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Command line entry point (`python train.py`, `normlab-train`)."""
+    try:
+        check_group_choices(sys.argv[1:], CONFIG_DIR)
+    except ConfigError as error:
+        print(f"normlab: error: {error}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 
