@@ -208,3 +208,13 @@ def test_cifar10_mlp_is_the_lectures_setup():
     assert cfg.data.name == "cifar10" and list(cfg.model.hidden_sizes) == [256, 128]
     assert (cfg.norm.name, cfg.activation.name) == ("bn", "sigmoid")
     assert cfg.lr == 1e-3 and cfg.dropout == 0.3
+
+
+def test_optuna_sweeper_config_composes_when_the_plugin_is_installed():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # optional: hydra-optuna-sweeper
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/sweeper=optuna_lr_dropout"],
+                      return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == "maximize" and set(sweeper.params) == {"lr", "dropout"}
+    assert type(instantiate(sweeper)).__name__ == "OptunaSweeper"
