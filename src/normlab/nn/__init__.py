@@ -1,2 +1,9 @@
-"""Placeholder until the custom BatchNorm lands (helper overwrites this file)."""
-from torch.nn import BatchNorm1d, BatchNorm2d  # noqa: F401
+"""normlab's own layers: a hand-written BatchNorm and BatchNorm folding for inference.
+
+Needs torch only (no Lightning, no Hydra), so it can be imported anywhere.
+"""
+
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.fold import fold_batchnorm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "fold_batchnorm"]
