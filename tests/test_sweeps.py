@@ -201,8 +201,6 @@ def test_lab09_mnist_bn_is_the_lectures_setup():
     assert cfg.hydra.sweeper.params == {"norm": "none,bn"}
 
 
-@pytest.mark.xfail(strict=True, reason="conf/train.yaml lists _self_ after experiment, so an "
-                   "experiment cannot set top-level keys (lr, dropout): move _self_ above it")
 def test_cifar10_mlp_is_the_lectures_setup():
     cfg = compose_experiment("cifar10_mlp")
     assert cfg.data.name == "cifar10" and list(cfg.model.hidden_sizes) == [256, 128]

@@ -52,6 +52,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     from normlab.models.module import ClassifierModule
 
+    _quiet_lightning()
     _set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -83,6 +84,20 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         for layer, numbers in callback.ics_summary().items()
     }
     return summary
+
+
+def _quiet_lightning() -> None:
+    """One line per message: `lightning` adds its own console handler at import, and Hydra's
+    root handler prints the same records again; keep Hydra's (it also writes the job log)."""
+    import warnings
+
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\..*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _progress(trainer: Any) -> tuple[int, int]:

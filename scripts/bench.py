@@ -1,0 +1,272 @@
+"""normlab's benchmark: every figure a ratio of two things measured side by side in this process.
+
+    python scripts/bench.py --json out.json [--quick]
+
+Keys (see design.md): epoch_vs_seed_loop (lecture-style DataLoader loop / normlab, >1 = normlab
+faster), step_vs_raw_torch (normlab / plain loop over pre-made tensors with default Adam, <1 =
+normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm / torch's),
+ics_logging_overhead (epoch with the ICS callbacks / without).
+
+Data is MNIST-shaped (N x 1 x 28 x 28 uint8, made in memory; the real files when present under
+data/MNIST/raw). Each contender runs whole epochs; its figure is the median epoch after a warm-up,
+and contenders alternate rounds so that load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import threading
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 32
+LR = 0.01
+
+
+def mnist_shaped(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, 28, 28) and labels: the real MNIST training files when present."""
+    raw = ROOT / "data" / "MNIST" / "raw"
+    if (raw / "train-images-idx3-ubyte").exists():
+        from torchvision.datasets import MNIST
+
+        dataset = MNIST(str(ROOT / "data"), train=True)
+        return dataset.data[:n].numpy(), dataset.targets[:n].numpy()
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def lecture_model(kind: str) -> nn.Module:
+    """The lab-09 MLP 784-32-32-10 with BN (Linear -> BN -> ReLU), or a small BN CNN."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+class PerSampleDataset(torch.utils.data.Dataset):
+    """What torchvision's MNIST + ToTensor do per sample: uint8 -> PIL image -> float tensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        from torchvision import transforms
+
+        self.images, self.labels = images, labels
+        self.to_tensor = transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.to_tensor(Image.fromarray(self.images[i], mode="L")), int(self.labels[i])
+
+
+def seed_loop_epoch(kind: str, images: np.ndarray, labels: np.ndarray) -> Callable[[], None]:
+    """The lecture's loop: DataLoader(shuffle, drop_last) over per-sample conversion + Adam."""
+    model = lecture_model(kind)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = torch.utils.data.DataLoader(
+        PerSampleDataset(images, labels), batch_size=BATCH, shuffle=True, drop_last=True
+    )
+
+    def epoch() -> None:
+        model.train()
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+def raw_loop_epoch(kind: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A careful hand-written loop: pre-made tensors, a permutation, slices, default Adam."""
+    model = lecture_model(kind)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+    def epoch() -> None:
+        model.train()
+        order = torch.randperm(len(y))
+        for start in range(0, len(y) - BATCH + 1, BATCH):
+            index = order[start : start + BATCH]
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+class NormlabEpochs:
+    """normlab's real training path (composed config, Trainer, callbacks, logger), one epoch a call.
+
+    Trainer.fit runs in a generator that pauses at every epoch end, so its epochs interleave
+    with the other contenders' and each is timed on its own.
+    """
+
+    def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, out: Path, *overrides: str):
+        from hydra import compose, initialize_config_dir
+        from hydra.utils import instantiate
+
+        from normlab.config import CONFIG_DIR
+        from normlab.data.datamodule import NormLabDataModule
+        from normlab.data.registry import Splits
+        from normlab.models.module import ClassifierModule
+
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[
+                f"model={kind}", "norm=bn", f"lr={LR}", f"data.batch_size={BATCH}",
+                f"paths.output_dir={out}", "paths.data_dir=unused", "trainer.max_epochs=1000",
+                "+trainer.limit_val_batches=0", *overrides,
+            ])
+        torch.manual_seed(0)
+        self.datamodule = instantiate(cfg.data)
+        assert isinstance(self.datamodule, NormLabDataModule)
+        few = (x[:64], y[:64])
+        self.datamodule.splits = Splits((x, y), few, few)  # bypass the registry: bench data
+        backbone = instantiate(cfg.model, input_shape=(1, 28, 28), num_classes=10, _convert_="all")
+        self.module = ClassifierModule(backbone, num_classes=10, lr=LR)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        self.pause = _PauseEachEpoch()
+        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+        self.trainer: pl.Trainer = instantiate(
+            cfg.trainer, callbacks=[*callbacks, self.pause], logger=loggers
+        )
+        self.run = self._fit()
+
+    def _fit(self):
+        self.thread = threading.Thread(
+            target=self.trainer.fit, args=(self.module,), kwargs={"datamodule": self.datamodule},
+            daemon=True,
+        )
+        self.thread.start()
+        while True:
+            self.pause.epoch_done.wait()
+            self.pause.epoch_done.clear()
+            yield
+            self.pause.go_on.set()
+
+    def epoch(self) -> None:
+        next(self.run)
+
+    def stop(self) -> None:
+        self.trainer.should_stop = True
+        self.pause.go_on.set()
+        if hasattr(self, "thread"):
+            self.thread.join(timeout=60)
+
+
+class _PauseEachEpoch(pl.Callback):
+    """Blocks the training thread at each epoch end until the benchmark asks for the next one."""
+
+    def __init__(self) -> None:
+        self.epoch_done, self.go_on = threading.Event(), threading.Event()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_done.set()
+        self.go_on.wait()
+        self.go_on.clear()
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
+def race(contenders: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds per epoch of each contender; round 0 is a warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(rounds + 1):
+        names = list(contenders) if round_ % 2 == 0 else list(reversed(contenders))
+        for name in names:
+            start = clock()
+            contenders[name]()
+            if round_:
+                times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, float]:
+    images, labels = mnist_shaped(n)
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - 0.1307) / 0.3081
+    y = torch.from_numpy(labels).long()
+    normlab = NormlabEpochs(kind, x, y, out / kind)
+    try:
+        seconds = race(
+            {
+                "seed_loop": seed_loop_epoch(kind, images, labels),
+                "raw_torch": raw_loop_epoch(kind, x, y),
+                "normlab": normlab.epoch,
+            },
+            rounds,
+        )
+    finally:
+        normlab.stop()
+    suffix = "" if kind == "mlp" else "_cnn"
+    return {
+        f"epoch_vs_seed_loop{suffix}": seconds["seed_loop"] / seconds["normlab"],
+        f"step_vs_raw_torch{suffix}": seconds["normlab"] / seconds["raw_torch"],
+        f"epoch_seconds{suffix}": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
+def custom_bn_figures(quick: bool) -> dict[str, float]:
+    spec = importlib.util.spec_from_file_location("bench_custom_bn", ROOT / "scripts" / "bench_custom_bn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.measure(quick=quick)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="small data, few rounds (< 60 s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="cpu",
+        help="cpu: this process's CPU time (steady on a shared machine; default); wall: wall time",
+    )
+    args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    n, rounds = (8000, 3) if args.quick else (60000, 5)
+    figures: dict = {"samples": n, "batch_size": BATCH, "threads": args.threads, "clock": args.clock}
+    with tempfile.TemporaryDirectory(prefix="normlab-bench-") as tmp:
+        figures.update(training_figures("mlp", n, rounds, Path(tmp)))
+        figures.update(training_figures("cnn", n // 4 if args.quick else n // 2, 2, Path(tmp)))
+    figures.update(custom_bn_figures(args.quick))
+    from normlab.ics.bench import logging_overhead
+
+    figures["ics_logging_overhead"] = logging_overhead(quick=args.quick)
+    figures["bench_seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
