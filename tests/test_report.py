@@ -107,7 +107,9 @@ def test_plots_have_a_line_per_group_and_a_panel_per_layer(sweep):
     for ax in curves.axes[:2]:
         assert len(ax.lines) == 2 and list(ax.lines[0].get_xdata()) == [1, 2, 3]
     ics = plot_ics(jobs, scalars)
-    assert [ax.get_title().split(":")[0] for ax in ics.axes] == ["layer1", "layer2"]
+    titles = [ax.get_title().split(":")[0] for ax in ics.axes]
+    assert titles == ["layer1", "layer2", "", ""]  # one row of panels per group
+    assert [ax.get_ylabel() for ax in ics.axes[::2]] == ["norm=none", "norm=bn"]
 
 
 def test_a_sweep_without_ics_scalars_gets_an_explaining_figure(tmp_path):

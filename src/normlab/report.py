@@ -271,18 +271,21 @@ def plot_ics(jobs: pd.DataFrame, scalars: dict[str, dict[str, pd.Series]]) -> Fi
             "No ICS percentile scalars (ics/<layer>/p15, p50, p85) in this sweep's event files:\n"
             "the runs were made without the ICS callbacks."
         )
-    fig = Figure(figsize=(4.5 * len(layers), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(layers), squeeze=False)[0]
     groups = list(dict.fromkeys(jobs["group"]))
     colors = _colors(groups)
-    for ax, layer in zip(axes, layers, strict=True):
-        for group in groups:
+    # One panel per (group, layer): overlaid bands of several groups are unreadable.
+    fig = Figure(figsize=(4.5 * len(layers), 1.2 + 2.2 * len(groups)), layout="constrained")
+    grid = fig.subplots(len(groups), len(layers), squeeze=False, sharex=True, sharey="col")
+    for row, group in enumerate(groups):
+        for col, layer in enumerate(layers):
+            ax = grid[row][col]
             _ics_band(ax, jobs[jobs["group"] == group], scalars, layer, colors[group], group)
-        ax.set(title=f"{layer}: p15 / p50 / p85", xlabel="optimizer step",
-               ylabel="input of the nonlinearity")
-        ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-               ncols=min(len(groups), 3), fontsize="small")
+            ax.grid(alpha=0.3)
+        grid[row][0].set_ylabel(group.replace(" ", "\n"), fontsize="small")
+    for col, layer in enumerate(layers):
+        grid[0][col].set_title(f"{layer}: p15 / p50 / p85")
+        grid[-1][col].set_xlabel("optimizer step")
+    fig.suptitle("Input of each nonlinearity: seed-mean percentiles per group")
     return fig
 
 
