@@ -28,7 +28,6 @@ from normlab.ics.activations import ActivationHistograms
 from normlab.ics.cadence import StepCadence
 from normlab.ics.events import read_scalars
 from normlab.ics.grad_shift import GradShift, grad_shift
-from normlab.ics.layout import IcsLayout
 from normlab.ics.stats import distribution_stats
 from normlab.ics.summary import activation_summary
 from normlab.ics.weights import WeightStats
@@ -80,7 +79,7 @@ def icsrun(tmp_path_factory):
     root = tmp_path_factory.mktemp("icsrun")
     spy = SpyActivations(every_n_steps=EVERY, probe_size=64, output_dir=root)
     shift = GradShift(every_n_steps=EVERY, output_dir=root)
-    callbacks = [spy, WeightStats(every_n_steps=EVERY), shift, IcsLayout()]
+    callbacks = [spy, shift]
     trainer, module = fit(root, callbacks, steps_per_call=STEPS_PER_CALL, csv=True)
     return {"root": root, "spy": spy, "shift": shift, "trainer": trainer, "module": module,
             "scalars": read_scalars(root / "tb")}
@@ -276,7 +275,7 @@ def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
     plain = final_state(tmp_path / "plain", [])
     measured = final_state(tmp_path / "measured", [
         GradShift(every_n_steps=1), ActivationHistograms(every_n_steps=1),
-        WeightStats(every_n_steps=1), IcsLayout(),
+        WeightStats(every_n_steps=1),
     ])
     assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
     assert_same(measured, plain)

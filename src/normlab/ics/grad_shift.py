@@ -147,7 +147,7 @@ class GradShift(RecordingCallback):
     Rank 0 only, on its own share of the batch.
     """
 
-    def __init__(self, every_n_steps: int = 50, output_dir: str | Path | None = None) -> None:
+    def __init__(self, every_n_steps: int = 200, output_dir: str | Path | None = None) -> None:
         super().__init__(output_dir)
         self.cadence = StepCadence(every_n_steps)
 

@@ -28,11 +28,8 @@ def ics_layout(layers: list[str]) -> Layout:
     }
 
 
-class IcsLayout(pl.Callback):
-    """Writes the ICS dashboard layout into the run's event file when training starts."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            layout = ics_layout(list(pl_module.nonlinearities()))
-            for writer in tensorboard_writers(trainer):
-                writer.add_custom_scalars(layout)
+def write_layout(trainer: pl.Trainer, layers: list[str]) -> None:
+    """Add the dashboard to every TensorBoard logger of the trainer (rank 0 only)."""
+    if trainer.is_global_zero:
+        for writer in tensorboard_writers(trainer):
+            writer.add_custom_scalars(ics_layout(layers))

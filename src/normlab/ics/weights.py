@@ -1,8 +1,8 @@
 """Per-layer gradient norms (`grads/<layer>/norm`) and weight histograms (`weights/<layer>`).
 
-Measured inside `optimizer.step()` (Lightning calls `on_before_optimizer_step` there in manual
-optimization too), so the gradient is the one the update is about to use — under DDP already
-averaged over processes — at exactly the steps 0, N, 2N, ...
+Meant to run inside `optimizer.step()` (Lightning calls `on_before_optimizer_step` there in
+manual optimization too): the gradient is then the one the update is about to use — under DDP
+already averaged over processes — at exactly the steps 0, N, 2N, ...
 """
 
 from __future__ import annotations
@@ -21,25 +21,29 @@ def grad_norm(layer: nn.Module) -> float | None:
     return torch.cat(grads).norm().item() if grads else None
 
 
-class WeightStats(pl.Callback):
-    """Gradient norm scalars and weight histograms of each weight layer every N optimizer steps."""
+def log_weight_stats(
+    trainer: pl.Trainer, layers: dict[str, nn.Module], step: int, bins: int | None = 64
+) -> None:
+    """Gradient norm of every layer to every logger; weight histograms (unless `bins` is None)."""
+    norms = {f"grads/{name}/norm": grad_norm(layer) for name, layer in layers.items()}
+    log_scalars(trainer, {tag: n for tag, n in norms.items() if n is not None}, step)
+    if bins is None:
+        return
+    for writer in tensorboard_writers(trainer):
+        for name, layer in layers.items():
+            weight = layer.weight.detach().float().cpu()
+            writer.add_histogram(f"weights/{name}", weight, step, bins=bins)
 
-    def __init__(self, every_n_steps: int = 50, histograms: bool = True, bins: int = 64) -> None:
+
+class WeightStats(pl.Callback):
+    """Gradient norms and weight histograms alone, every N optimizer steps (`ActivationHistograms`
+    logs them too, with `weights=True`: one callback is cheaper than two)."""
+
+    def __init__(self, every_n_steps: int = 200, histograms: bool = True, bins: int = 64) -> None:
         self.cadence = StepCadence(every_n_steps)
-        self.histograms = histograms
-        self.bins = bins
+        self.bins = bins if histograms else None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step
-        if not (trainer.is_global_zero and self.cadence.due(step)):
-            return
-        layers = pl_module.weight_layers()
-        norms = {name: grad_norm(layer) for name, layer in layers.items()}
-        log_scalars(
-            trainer, {f"grads/{name}/norm": n for name, n in norms.items() if n is not None}, step
-        )
-        if self.histograms:
-            for writer in tensorboard_writers(trainer):
-                for name, layer in layers.items():
-                    weight = layer.weight.detach().float().cpu()
-                    writer.add_histogram(f"weights/{name}", weight, step, bins=self.bins)
+        if trainer.is_global_zero and self.cadence.due(step):
+            log_weight_stats(trainer, pl_module.weight_layers(), step, self.bins)
