@@ -15,12 +15,11 @@ and contenders alternate rounds so that load from other processes hits them alik
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
-import threading
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +53,26 @@ def lecture_model(kind: str) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(
             nn.Flatten(),
-            nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(784, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Linear(32, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
             nn.Linear(32, 10),
         )
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
@@ -135,11 +146,20 @@ class NormlabEpochs:
         from normlab.models.module import ClassifierModule
 
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[
-                f"model={kind}", "norm=bn", f"lr={LR}", f"data.batch_size={BATCH}",
-                f"paths.output_dir={out}", "paths.data_dir=unused", "trainer.max_epochs=1000",
-                "+trainer.limit_val_batches=0", *overrides,
-            ])
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"model={kind}",
+                    "norm=bn",
+                    f"lr={LR}",
+                    f"data.batch_size={BATCH}",
+                    f"paths.output_dir={out}",
+                    "paths.data_dir=unused",
+                    "trainer.max_epochs=1000",
+                    "+trainer.limit_val_batches=0",
+                    *overrides,
+                ],
+            )
         torch.manual_seed(0)
         self.datamodule = instantiate(cfg.data)
         assert isinstance(self.datamodule, NormLabDataModule)
@@ -157,7 +177,9 @@ class NormlabEpochs:
 
     def _fit(self):
         self.thread = threading.Thread(
-            target=self.trainer.fit, args=(self.module,), kwargs={"datamodule": self.datamodule},
+            target=self.trainer.fit,
+            args=(self.module,),
+            kwargs={"datamodule": self.datamodule},
             daemon=True,
         )
         self.thread.start()
@@ -231,10 +253,9 @@ def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, flo
 
 
 def custom_bn_figures(quick: bool) -> dict[str, float]:
-    spec = importlib.util.spec_from_file_location("bench_custom_bn", ROOT / "scripts" / "bench_custom_bn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.measure(quick=quick)
+    import bench_custom_bn  # beside this file: scripts/ is on sys.path when run as a script
+
+    return bench_custom_bn.measure(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -243,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--quick", action="store_true", help="small data, few rounds (< 60 s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--clock", choices=CLOCKS, default="cpu",
+        "--clock",
+        choices=CLOCKS,
+        default="cpu",
         help="cpu: this process's CPU time (steady on a shared machine; default); wall: wall time",
     )
     args = parser.parse_args(argv)
@@ -252,7 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     n, rounds = (8000, 3) if args.quick else (60000, 5)
-    figures: dict = {"samples": n, "batch_size": BATCH, "threads": args.threads, "clock": args.clock}
+    figures: dict = {
+        "samples": n,
+        "batch_size": BATCH,
+        "threads": args.threads,
+        "clock": args.clock,
+    }
     with tempfile.TemporaryDirectory(prefix="normlab-bench-") as tmp:
         figures.update(training_figures("mlp", n, rounds, Path(tmp)))
         figures.update(training_figures("cnn", n // 4 if args.quick else n // 2, 2, Path(tmp)))

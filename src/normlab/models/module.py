@@ -141,4 +141,6 @@ class ClassifierModule(pl.LightningModule):
 
 def _fused_adam_ok(module: nn.Module) -> bool:
     """torch's fused Adam takes floating-point parameters on CPU or CUDA."""
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in module.parameters())
+    return all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in module.parameters()
+    )
