@@ -77,13 +77,17 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     summary["epochs"], summary["steps"] = _progress(trainer)
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
-    summary["ics"] = {
-        layer: numbers
-        for callback in callbacks
-        if hasattr(callback, "ics_summary")
-        for layer, numbers in callback.ics_summary().items()
-    }
+    summary["ics"] = _ics_summary(callbacks)
     return summary
+
+
+def _ics_summary(callbacks: list[Any]) -> dict[str, dict[str, float]]:
+    """Per-layer ICS numbers of every callback that has them, merged layer by layer."""
+    ics: dict[str, dict[str, float]] = {}
+    for callback in callbacks:
+        for layer, numbers in getattr(callback, "ics_summary", dict)().items():
+            ics.setdefault(layer, {}).update(numbers)
+    return ics
 
 
 def _quiet_lightning() -> None:

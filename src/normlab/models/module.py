@@ -137,6 +137,9 @@ class ClassifierModule(pl.LightningModule):
             metric = self.metrics[f"{stage}_{kind}"]
             self.log(f"{stage}/{kind}", metric.compute(), prog_bar=stage != "test")
             metric.reset()
+        # Lightning's default x-axis counts Lightning batches; with several optimizer steps per
+        # batch that is not the optimizer step the ICS scalars use. A logged "step" overrides it.
+        self.log("step", float(self.global_step))
 
 
 def _fused_adam_ok(module: nn.Module) -> bool:
