@@ -165,7 +165,7 @@ def test_ddp_cpu_trainer_spawns_instead_of_relaunching_the_script(make_cfg):
     assert cfg.trainer.strategy == "ddp_spawn" and cfg.trainer.devices == 2
 
 
-@pytest.mark.slow  # 2 jobs x 2 spawned processes: ~3 min on 2 busy cores
+@pytest.mark.slow  # 2 jobs x 2 spawned processes: 1-3 min on 2 shared cores
 def test_ddp_cpu_in_a_multirun_leaves_one_dir_per_job(tmp_path):
     out = sweep(tmp_path / "s", "trainer=ddp_cpu", "seed=0,1", "trainer.max_epochs=1",
                 cwd=tmp_path)
