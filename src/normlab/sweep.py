@@ -17,6 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
+# ICS numbers of the last hidden layer (the BN paper's Fig. 1 layer), from metrics.json "ics".
+ICS_COLUMNS = ("p50_travel", "grad_shift_mean")
 NO_METRICS = "no metrics.json: the job process died before writing it (killed? out of memory?)"
 
 
@@ -70,12 +72,20 @@ def _status_cell(row: dict[str, Any]) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per job; a failed job shows its error line."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    header = [*COLUMNS, *(f"last layer {name}" for name in ICS_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [_cell(row.get(c)) for c in COLUMNS]
         cells[COLUMNS.index("status")] = _status_cell(row)
+        last = _last_hidden_layer(row.get("ics") or {})
+        cells += [_cell(last.get(name)) for name in ICS_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _last_hidden_layer(ics: dict[str, dict[str, float]]) -> dict[str, float]:
+    hidden = [name for name in ics if name.startswith("layer") and name[5:].isdigit()]
+    return ics[max(hidden, key=lambda name: int(name[5:]))] if hidden else {}
 
 
 def status_line(rows: list[dict[str, Any]]) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,13 @@ from normlab.config import CONFIG_DIR
 from normlab.validate import ConfigError, check_group_choices, validate
 
 log = logging.getLogger("normlab")
+
+# Hydra 1.3 warns once per process that our same-named launcher overrides (conf/hydra/launcher/)
+# are "validated against ConfigStore schema"; that is intended. Module level, so joblib's worker
+# processes, which import this module, are quiet too.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema"
+)
 
 FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
 
@@ -178,9 +187,20 @@ def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps(_finite_or_null(metrics), indent=2, default=float) + "\n")
     tmp.replace(path)
     return path
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN/inf -> null: strict JSON readers reject bare NaN (a diverged loss has one)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _is_multirun() -> bool:
@@ -200,7 +220,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         if _is_multirun():  # recorded in metrics.json; the sweep goes on and fails at its end
             log.error(message)
-            return None
+            return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)
         sys.exit(1)
     log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
