@@ -8,15 +8,14 @@ normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm 
 ics_logging_overhead (epoch with the ICS callbacks / without).
 
 Data is MNIST-shaped (N x 1 x 28 x 28 uint8, made in memory; the real files when present under
-data/MNIST/raw). Each contender runs whole epochs; its figure is the median epoch after a warm-up,
-and contenders alternate rounds so that load from other processes hits them alike.
+data/MNIST/raw). Each contender runs whole epochs, alternating rounds with the others; its figure
+is its fastest epoch after a warm-up (load from other processes only ever adds time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -216,7 +215,7 @@ clock = CLOCKS["cpu"]
 
 
 def race(contenders: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds per epoch of each contender; round 0 is a warm-up."""
+    """Fastest epoch of each contender (other processes only ever add time); round 0 warms up."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(rounds + 1):
         names = list(contenders) if round_ % 2 == 0 else list(reversed(contenders))
@@ -225,7 +224,7 @@ def race(contenders: dict[str, Callable[[], None]], rounds: int) -> dict[str, fl
             contenders[name]()
             if round_:
                 times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, float]:
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    n, rounds = (8000, 3) if args.quick else (60000, 5)
+    n, rounds = (8000, 5) if args.quick else (60000, 5)
     figures: dict = {
         "samples": n,
         "batch_size": BATCH,
