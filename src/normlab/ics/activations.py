@@ -61,8 +61,17 @@ class ActivationHistograms(RecordingCallback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Called inside every optimizer.step(), before the update: the weights after `step` updates.
+        if self.cadence.due(trainer.global_step):
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The trained model is a point too, so "start -> end" in the summary spans all of training.
+        if not self.cadence.due(trainer.global_step):
+            self.measure(trainer, pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if not (trainer.is_global_zero and self.cadence.due(step)) or self.probe is None:
+        if not trainer.is_global_zero or self.probe is None:
             return
         self.log_activations(trainer, step, probe_activations(pl_module, self.probe))
         if self.weights:
