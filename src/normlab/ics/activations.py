@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from threadpoolctl import threadpool_limits
 
 from normlab.ics.cadence import StepCadence
 from normlab.ics.history import RecordingCallback
@@ -54,6 +55,16 @@ class ActivationHistograms(RecordingCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.probe = probe_batch(trainer, self.probe_size)
+        # TensorBoard's histogram summary calls numpy's `dot`, which wakes OpenBLAS's thread pool;
+        # its idle threads then busy-wait for ~0.1 s, stealing the core training runs on. These
+        # dots are tiny: one BLAS thread is all they need (restored at the end of fit).
+        self._blas_threads = threadpool_limits(limits=1, user_api="blas")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        blas_threads = getattr(self, "_blas_threads", None)
+        if blas_threads is not None:
+            blas_threads.restore_original_limits()
+            self._blas_threads = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layout:
