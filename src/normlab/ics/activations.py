@@ -24,7 +24,7 @@ from normlab.ics.cadence import StepCadence
 from normlab.ics.history import RecordingCallback
 from normlab.ics.layout import write_layout
 from normlab.ics.probe import probe_activations, probe_batch
-from normlab.ics.sinks import log_scalars, tensorboard_writers
+from normlab.ics.sinks import log_histogram, log_scalars
 from normlab.ics.stats import distribution_stats
 from normlab.ics.summary import activation_summary
 from normlab.ics.weights import log_weight_stats
@@ -100,10 +100,8 @@ class ActivationHistograms(RecordingCallback):
         log_scalars(trainer, metrics, step)
         self.record(metrics, step)
         if self.histograms:
-            for writer in tensorboard_writers(trainer):
-                for layer, x in activations.items():
-                    values = x.float().cpu()
-                    writer.add_histogram(f"activations/{layer}", values, step, bins=self.bins)
+            for layer, x in activations.items():
+                log_histogram(trainer, f"activations/{layer}", x, step, self.bins)
 
     def ics_summary(self) -> dict[str, dict[str, float]]:
         """Per layer: p50 start/end/travel/max shift and the p15-p85 spread at start and end."""

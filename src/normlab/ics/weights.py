@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from normlab.ics.cadence import StepCadence
-from normlab.ics.sinks import log_scalars, tensorboard_writers
+from normlab.ics.sinks import log_histogram, log_scalars
 
 
 def grad_norm(layer: nn.Module) -> float | None:
@@ -29,10 +29,8 @@ def log_weight_stats(
     log_scalars(trainer, {tag: n for tag, n in norms.items() if n is not None}, step)
     if bins is None:
         return
-    for writer in tensorboard_writers(trainer):
-        for name, layer in layers.items():
-            weight = layer.weight.detach().float().cpu()
-            writer.add_histogram(f"weights/{name}", weight, step, bins=bins)
+    for name, layer in layers.items():
+        log_histogram(trainer, f"weights/{name}", layer.weight, step, bins)
 
 
 class WeightStats(pl.Callback):
