@@ -116,13 +116,14 @@ class _BatchNormFunction(torch.autograd.Function):
         dims = _reduce_dims(x)
         n = x.numel() // x.shape[1]  # values per channel
 
-        mean = x.mean(dims)
+        # sum * (1/n) rather than mean(): the same value, and torch's CPU sum kernel is faster.
+        mean = x.sum(dims).mul_(1.0 / n)
         xc = x - _per_channel(mean, x)  # centered input, kept for backward
         # Two-pass variance (center first, then square) is accurate even when |mean| >> std.
         # `out` is first scratch space for the squares, then receives the result: one fresh
         # activation-sized allocation fewer (fresh memory is costly on CPU).
         out = torch.mul(xc, xc)
-        var = out.mean(dims)  # biased: divide by n
+        var = out.sum(dims).mul_(1.0 / n)  # biased: divide by n
         invstd = torch.rsqrt(var + eps)
 
         scale = invstd if weight is None else invstd * weight  # g * s
