@@ -102,8 +102,6 @@ def _ics_summary(callbacks: list[Any]) -> dict[str, dict[str, float]]:
 def _quiet_lightning() -> None:
     """One line per message: `lightning` adds its own console handler at import, and Hydra's
     root handler prints the same records again; keep Hydra's (it also writes the job log)."""
-    import warnings
-
     lightning_logger = logging.getLogger("lightning")
     if logging.getLogger().handlers:
         for handler in list(lightning_logger.handlers):

@@ -30,7 +30,6 @@ class ClassifierModule(pl.LightningModule):
         self.backbone = backbone
         self.lr = lr
         self.seed = seed
-        self.diverged_at_step: int | None = None  # set when a training loss goes non-finite
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{kind}": (
@@ -84,11 +83,10 @@ class ClassifierModule(pl.LightningModule):
             optimizer.step()
             all_logits.append(logits.detach())
             losses.append(loss.detach())
-        # Metrics are updated once per call, not per optimizer step: same numbers, less overhead.
+        # Metrics are updated once per call, not per optimizer step: same numbers, less overhead
+        # (equal-size batches, so the mean of their losses weighted by all samples is the same).
         losses_tensor = torch.stack(losses)
-        self.metrics["train_acc"].update(torch.cat(all_logits), ys.reshape(-1))
-        self.metrics["train_loss"].update(losses_tensor, weight=ys.shape[1])
-        self.last_train_loss = losses[-1]
+        self._update("train", torch.cat(all_logits), ys.reshape(-1), losses_tensor.mean())
         self._stop_if_diverged(losses_tensor, first_step)
 
     def _stop_if_diverged(self, losses: torch.Tensor, first_step: int) -> None:
@@ -100,9 +98,8 @@ class ClassifierModule(pl.LightningModule):
             first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="min")
         first_bad = int(first_bad)
         if first_bad < len(losses):
-            self.diverged_at_step = first_step + first_bad + 1
             # via callback_metrics the step reaches train.py, from ddp_spawn workers too
-            self.log("diverged_at_step", float(self.diverged_at_step))
+            self.log("diverged_at_step", float(first_step + first_bad + 1))
             self.trainer.should_stop = True
 
     def on_train_epoch_end(self) -> None:
