@@ -142,7 +142,7 @@ class NormlabEpochs:
         from normlab.config import CONFIG_DIR
         from normlab.data.datamodule import NormLabDataModule
         from normlab.data.registry import Splits
-        from normlab.models.module import ClassifierModule
+        from normlab.train import build_module, build_trainer
 
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(
@@ -153,6 +153,7 @@ class NormlabEpochs:
                     f"lr={LR}",
                     f"data.batch_size={BATCH}",
                     f"paths.output_dir={out}",
+                    "data=mnist",  # MNIST-shaped: the splits below replace its files
                     "paths.data_dir=unused",
                     "trainer.max_epochs=1000",
                     "+trainer.limit_val_batches=0",
@@ -164,14 +165,9 @@ class NormlabEpochs:
         assert isinstance(self.datamodule, NormLabDataModule)
         few = (x[:64], y[:64])
         self.datamodule.splits = Splits((x, y), few, few)  # bypass the registry: bench data
-        backbone = instantiate(cfg.model, input_shape=(1, 28, 28), num_classes=10, _convert_="all")
-        self.module = ClassifierModule(backbone, num_classes=10, lr=LR)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        self.module = build_module(cfg, self.datamodule)
         self.pause = _PauseEachEpoch()
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-        self.trainer: pl.Trainer = instantiate(
-            cfg.trainer, callbacks=[*callbacks, self.pause], logger=loggers
-        )
+        self.trainer, _ = build_trainer(cfg, [self.pause])
         self.run = self._fit()
 
     def _fit(self):

@@ -55,29 +55,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    import lightning.pytorch as pl  # heavy imports only once a run really starts
+def build_module(cfg: DictConfig, datamodule: Any) -> Any:
+    """The configured backbone, sized by the data, inside the ClassifierModule."""
     from hydra.utils import instantiate
 
     from normlab.models.module import ClassifierModule
 
-    _quiet_lightning()
-    _set_threads(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    datamodule.load()  # missing files fail here, before a model or trainer exists
     backbone = instantiate(
         cfg.model,
         input_shape=datamodule.input_shape,
         num_classes=datamodule.num_classes,
         _convert_="all",
     )
-    module = ClassifierModule(
-        backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed
+    return ClassifierModule(backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed)
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any, list[Any]]:
+    """(Trainer, the configured callbacks) with the configured loggers; groups may be empty."""
+    from hydra.utils import instantiate
+
+    def group(key: str) -> list[Any]:
+        return [instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]
+
+    callbacks = group("callbacks")
+    trainer = instantiate(
+        cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=group("logger")
     )
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return trainer, callbacks
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl  # heavy imports only once a run really starts
+    from hydra.utils import instantiate
+
+    _quiet_lightning()
+    _set_threads(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.load()  # missing files fail here, before a model or trainer exists
+    module = build_module(cfg, datamodule)
+    trainer, callbacks = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_metrics = _scalars(trainer.callback_metrics)
     trainer.test(module, datamodule=datamodule, verbose=False)
