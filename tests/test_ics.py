@@ -24,22 +24,19 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.data.datamodule import NormLabDataModule
-from normlab.ics.activations import ActivationHistograms
-from normlab.ics.cadence import StepCadence
-from normlab.ics.events import read_scalars
-from normlab.ics.grad_shift import GradShift, grad_shift
-from normlab.ics.stats import distribution_stats
+from normlab.ics.callbacks import GradShift, ICSMonitor, StepCadence, WeightStats
+from normlab.ics.measure import distribution_stats, grad_shift
 from normlab.ics.summary import activation_summary
-from normlab.ics.weights import WeightStats
 from normlab.models.backbones import MLP
 from normlab.models.module import ClassifierModule
+from normlab.runs import read_scalars
 
 EVERY = 5
 STEPS_PER_CALL = 3
 STEPS = 1197 // 32  # digits: 1,197 training samples, batch 32, one epoch
 
 
-class SpyActivations(ActivationHistograms):
+class SpyActivations(ICSMonitor):
     """Keeps a copy of every captured tensor, to recompute what should have been logged."""
 
     def __init__(self, **kwargs) -> None:
@@ -157,16 +154,16 @@ def test_summary_and_its_read_back_from_event_files(icsrun):
     assert summary["layer2"]["p50_travel"] == pytest.approx(abs(p50[last] - p50[first]))
     assert icsrun["shift"].ics_summary()["layer2"]["grad_shift_mean"] > 0
     # a callback that never trained (the parent process under ddp_spawn) reads rank 0's files
-    parent = ActivationHistograms(output_dir=icsrun["root"]).ics_summary()
+    parent = ICSMonitor(output_dir=icsrun["root"]).ics_summary()
     assert parent.keys() == summary.keys() == {"layer1", "layer2"}
     for layer, numbers in summary.items():
         assert parent[layer] == pytest.approx(numbers)
     assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer1", "layer2", "head"}
-    assert ActivationHistograms().ics_summary() == {}
+    assert ICSMonitor().ics_summary() == {}
 
 
 def test_summary_survives_a_checkpoint(icsrun):
-    restored = ActivationHistograms()
+    restored = ICSMonitor()
     restored.load_state_dict(copy.deepcopy(icsrun["spy"].state_dict()))
     assert restored.ics_summary() == icsrun["spy"].ics_summary()
 
@@ -275,7 +272,7 @@ def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
 
     plain = final_state(tmp_path / "plain", [])
     measured = final_state(tmp_path / "measured", [
-        GradShift(every_n_steps=1), ActivationHistograms(every_n_steps=1),
+        GradShift(every_n_steps=1), ICSMonitor(every_n_steps=1),
         WeightStats(every_n_steps=1),
     ])
     assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
@@ -329,7 +326,7 @@ def test_fig1_script_draws_a_png_from_a_short_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     for job, norm in enumerate(["none", "bn"]):
         cfg = compose_cfg(sweep / str(job), "experiment=bn_paper_fig1", f"norm={norm}",
-                          "trainer.max_epochs=1", "callbacks.activation_histograms.every_n_steps=4")
+                          "trainer.max_epochs=1", "callbacks.ics.every_n_steps=4")
         (sweep / str(job) / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg, sweep / str(job) / ".hydra" / "config.yaml")  # as Hydra would
         metrics = train(cfg)

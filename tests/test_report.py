@@ -94,7 +94,7 @@ def test_markdown_table_has_one_row_per_group_and_the_ics_numbers(sweep):
     assert len(rows) == 2 + 4  # main table + ICS table (2 groups x 2 layers)
     assert "0.9200 ± 0.0200" in rows[0] and "2 ok, 1 diverged" in rows[0]
     assert "2 ok, 1 failed" in rows[1]
-    assert "| norm=none | layer1 | 1.5000 |" in report.markdown
+    assert "| norm=none | layer1 | 1.5000 |" in " ".join(report.markdown.split())
 
 
 def test_plots_have_a_line_per_group_and_a_panel_per_layer(sweep):

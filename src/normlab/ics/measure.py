@@ -1,15 +1,18 @@
-"""Gradient-based internal covariate shift (Santurkar et al. 2018, "How does batch normalization
-help optimization?", Definition 2.1).
+"""What the ICS callbacks measure, as plain functions of a model and a batch.
 
-For weight layer i: G = dL/dW_i at the current weights; G' = the same gradient, on the same batch,
-after the optimizer has updated only the layers *before* i (their real update: the real optimizer
-with its state, fed G's counterparts for those layers). `ics/<layer>/grad_shift` = ||G - G'||_2,
-`ics/<layer>/grad_cos` = cos(G, G'). Layer 1 has nothing before it: 0 and 1 by definition.
-
-"Before layer i" means every parameter registered before W_i (the backbones register in forward
-order), so the norm layers' affine parameters of earlier blocks move too. The measurement leaves
-no trace: parameters, optimizer state, `.grad`, BN running statistics, train/eval mode and the
-random number generators are restored exactly, so training is bit-identical with or without it.
+- `distribution_stats`: the BN paper's percentiles (p15/p50/p85), mean and std of a tensor.
+- `probe_batch` / `probe_activations`: a fixed batch of held-out inputs, and the input of every
+  nonlinearity on it (the distribution internal covariate shift is about).
+- `grad_norm`: the L2 norm of a layer's gradient.
+- `grad_shift`: gradient-based ICS (Santurkar et al. 2018, "How does batch normalization help
+  optimization?", Definition 2.1). For weight layer i: G = dL/dW_i at the current weights;
+  G' = the same gradient, on the same batch, after the optimizer has updated only the layers
+  *before* i (their real update: the real optimizer with its state, fed G's counterparts for those
+  layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it: 0 and 1 by
+  definition. "Before layer i" means every parameter registered before W_i (the backbones register
+  in forward order), so the norm layers' affine parameters of earlier blocks move too. The
+  measurement leaves no trace: parameters, optimizer state, `.grad`, BN running statistics,
+  train/eval mode and the random number generators are restored exactly.
 """
 
 from __future__ import annotations
@@ -17,16 +20,86 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.ics.cadence import StepCadence
-from normlab.ics.history import RecordingCallback
-from normlab.ics.sinks import log_scalars
-from normlab.ics.summary import grad_shift_summary
+# ---------------------------------------------------------------- distribution statistics
+
+PERCENTILES = {"p15": 0.15, "p50": 0.50, "p85": 0.85}
+# torch.quantile refuses inputs above 2**24 elements.
+QUANTILE_LIMIT = 2**24
+
+
+def flat_sample(x: torch.Tensor, limit: int = QUANTILE_LIMIT) -> torch.Tensor:
+    """All values as float32, or an evenly strided subset of at most `limit` of them."""
+    flat = x.detach().reshape(-1).float()
+    stride = -(-flat.numel() // limit)
+    return flat[::stride] if stride > 1 else flat
+
+
+def distribution_stats(x: torch.Tensor, limit: int = QUANTILE_LIMIT) -> dict[str, float]:
+    """`{"p15", "p50", "p85", "mean", "std"}` of all values of `x` (percentiles on a sample)."""
+    flat = x.detach().reshape(-1).float()
+    sample = flat_sample(flat, limit)
+    q = torch.tensor(list(PERCENTILES.values()), dtype=sample.dtype, device=sample.device)
+    std, mean = torch.std_mean(flat)
+    values = torch.cat([torch.quantile(sample, q), mean[None], std[None]]).tolist()  # one sync
+    return dict(zip([*PERCENTILES, "mean", "std"], values, strict=True))
+
+
+# ---------------------------------------------------------------- the probe batch
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of each module during the `with` body: `{name: tensor}`."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _module, args, name=name: captured.__setitem__(name, args[0].detach())
+        )
+        for name, module in modules.items()
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def probe_batch(trainer: pl.Trainer, size: int) -> torch.Tensor:
+    """The first `size` validation inputs (training inputs when there is no validation data)."""
+    datamodule = trainer.datamodule
+    loader = datamodule.val_dataloader() if datamodule is not None else None
+    if loader is not None:
+        return next(iter(loader))[0][:size]
+    x = next(iter(trainer.train_dataloader))[0]
+    return x.flatten(0, 1)[:size]  # training batches are stacks (steps_per_call, B, ...)
+
+
+@torch.no_grad()
+def probe_activations(pl_module: pl.LightningModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs of every nonlinearity for the probe batch, in eval mode (no dropout, no BN update)."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with capture_inputs(pl_module.nonlinearities()) as captured:
+            pl_module(x.to(pl_module.device))
+    finally:
+        pl_module.train(was_training)
+    return captured
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def grad_norm(layer: nn.Module) -> float | None:
+    """L2 norm of the gradient of all the layer's parameters (weight and bias); None without one."""
+    grads = [p.grad.detach().reshape(-1) for p in layer.parameters() if p.grad is not None]
+    return torch.cat(grads).norm().item() if grads else None
 
 
 def grad_shift(
@@ -136,36 +209,3 @@ def _restore_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, saved: dic
             current.copy_(value)  # in place: keeps the tensors anything else may reference
         else:
             state[key] = value
-
-
-class GradShift(RecordingCallback):
-    """Logs `ics/<layer>/grad_shift` and `ics/<layer>/grad_cos` every N optimizer steps.
-
-    Measured at the start of a Lightning batch, on its first mini-batch, with the module's real
-    optimizer; with several optimizer steps per batch, at the start of each batch whose steps
-    contain a multiple of N (logged at the batch's first step). The loss is cross-entropy.
-    Rank 0 only, on its own share of the batch.
-    """
-
-    def __init__(self, every_n_steps: int = 200, output_dir: str | Path | None = None) -> None:
-        super().__init__(output_dir)
-        self.cadence = StepCadence(every_n_steps)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        xs, ys = batch  # stacks of steps_per_call mini-batches: (K, B, ...), (K, B)
-        step = trainer.global_step
-        if not (trainer.is_global_zero and self.cadence.due_within(step, len(xs))):
-            return
-        x, y = xs[0], ys[0]
-        optimizer = pl_module.optimizers(use_pl_optimizer=False)
-        weights = {name: layer.weight for name, layer in pl_module.weight_layers().items()}
-        shifts = grad_shift(pl_module, optimizer, weights, lambda: F.cross_entropy(pl_module(x), y))
-        metrics = {}
-        for name, (shift, cos) in shifts.items():
-            metrics.update({f"ics/{name}/grad_shift": shift, f"ics/{name}/grad_cos": cos})
-        log_scalars(trainer, metrics, step)
-        self.record(metrics, step)
-
-    def ics_summary(self) -> dict[str, dict[str, float]]:
-        """Per layer: mean grad_shift and mean grad_cos over the measured steps."""
-        return grad_shift_summary(self.series())
