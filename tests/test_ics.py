@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from normlab.data.datamodule import NormLabDataModule
 from normlab.ics.callbacks import GradShift, ICSMonitor, StepCadence, WeightStats
-from normlab.ics.measure import distribution_stats, grad_shift
+from normlab.ics.measure import distribution_stats, grad_shift, probe_activations
 from normlab.ics.summary import activation_summary
 from normlab.models.backbones import MLP
 from normlab.models.module import ClassifierModule
@@ -108,9 +108,9 @@ def test_histograms_and_grad_norms_are_logged(icsrun):
     accumulator = EventAccumulator(str(icsrun["root"] / "tb"), size_guidance={"histograms": 0})
     accumulator.Reload()
     histograms = set(accumulator.Tags()["histograms"])
-    assert {"activations/layer1", "activations/layer2"} <= histograms
+    assert {"preact/layer1", "preact/layer2"} <= histograms
     assert {"weights/layer1", "weights/layer2", "weights/head"} <= histograms
-    first = accumulator.Histograms("activations/layer1")[0]
+    first = accumulator.Histograms("preact/layer1")[0]
     assert first.step == 0 and first.histogram_value.num == 64 * 16  # probe x units
     assert {"grads/layer1/norm", "grads/layer2/norm", "grads/head/norm"} <= set(icsrun["scalars"])
 
@@ -158,7 +158,7 @@ def test_summary_and_its_read_back_from_event_files(icsrun):
     assert parent.keys() == summary.keys() == {"layer1", "layer2"}
     for layer, numbers in summary.items():
         assert parent[layer] == pytest.approx(numbers)
-    assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer1", "layer2", "head"}
+    assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer2", "head"}
     assert ICSMonitor().ics_summary() == {}
 
 
@@ -204,7 +204,7 @@ def test_grad_shift_equals_a_hand_computation_with_sgd():
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     shifts = grad_shift(model, optimizer, {"layer1": model[0].weight, "head": model[4].weight},
                         lambda: F.cross_entropy(model(x), y))
-    assert shifts["layer1"] == (0.0, 1.0)
+    assert "layer1" not in shifts  # nothing before the first layer moves
     assert shifts["head"][0] == pytest.approx(expected, rel=1e-5) and expected > 0
     assert shifts["head"][1] == pytest.approx(cos, rel=1e-6)
 
@@ -305,11 +305,11 @@ def test_tensorboard_server_serves_the_ics_tags(icsrun):
                 histograms = fetch_json(f"{base}/histograms/tags")
             except OSError:
                 histograms = {}
-            if any("activations/layer1" in tags for tags in histograms.values()):
+            if any("preact/layer1" in tags for tags in histograms.values()):
                 break
             time.sleep(1)
         run_tags = next(iter(histograms.values()))
-        assert {"activations/layer1", "activations/layer2", "weights/head"} <= set(run_tags)
+        assert {"preact/layer1", "preact/layer2", "weights/head"} <= set(run_tags)
         scalars = next(iter(fetch_json(f"{base}/scalars/tags").values()))
         assert {f"ics/layer2/{s}" for s in ("p15", "p50", "p85", "mean", "std", "grad_shift")} \
             <= set(scalars)
@@ -332,7 +332,8 @@ def test_fig1_script_draws_a_png_from_a_short_sweep(tmp_path):
         metrics = train(cfg)
         assert {"layer1", "layer2", "layer3"} <= metrics["ics"].keys()
         scalars = read_scalars(sweep / str(job), "ics/")
-        assert all(f"ics/{layer}/grad_shift" in scalars for layer in ("layer1", "layer2", "layer3"))
+        assert all(f"ics/{layer}/grad_shift" in scalars for layer in ("layer2", "layer3"))
+        assert "ics/layer1/grad_shift" not in scalars  # nothing before layer 1 moves
     out = tmp_path / "fig1.png"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fig1.py"), str(sweep),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -347,3 +348,32 @@ def test_activation_summary_numbers():
         "p50_start": 0.0, "p50_end": 0.5, "p50_travel": 0.5, "p50_max_shift": 0.5,
         "spread_start": 2.0, "spread_end": 5.0,
     }
+
+
+def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
+    torch.manual_seed(0)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm="bn", dropout=0.5), 3, 0.01)
+    model.train()
+    x = torch.randn(256, 20) * 3 + 2
+    buffers = copy.deepcopy(dict(model.named_buffers()))
+    rng = torch.get_rng_state()
+    preact, norm_out = probe_activations(model, x)  # step 0: running stats are still (0, 1)
+    for layer in ("layer1", "layer2"):
+        out = norm_out[layer]
+        assert torch.allclose(out.mean(0), torch.zeros(out.shape[1]), atol=1e-3)
+        assert torch.allclose(out.std(0, unbiased=False), torch.ones(out.shape[1]), atol=1e-3)
+        assert torch.equal(preact[layer], out)  # pre position: the norm output enters the ReLU
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(m.training for m in model.modules())
+
+
+def test_probe_eval_mode_uses_running_statistics():
+    torch.manual_seed(0)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm="bn"), 3, 0.01)
+    x = torch.randn(256, 20) * 3 + 2
+    _, norm_out = probe_activations(model, x, mode="eval")
+    linear_out = model.backbone.blocks.layer1.linear(x)  # BN with (0, 1) running stats: identity
+    assert torch.allclose(norm_out["layer1"], linear_out / (1 + 1e-5) ** 0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="probe_mode='train' is not valid; choose one of: batch"):
+        probe_activations(model, x, mode="train")

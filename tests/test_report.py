@@ -141,7 +141,8 @@ def test_markdown_leaves_missing_numbers_blank():
     blank = {f"{m} {s}": math.nan for m in METRICS for s in ("mean", "std")}
     groups = pd.DataFrame([{"group": "g", "n_seeds": 1, "n_ok": 0, "n_failed": 1, **blank}])
     row = markdown_table(groups).splitlines()[2]
-    assert [cell.strip() for cell in row.split("|")] == ["", "g", "1", "", "", "", "", "1 failed", ""]
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells == ["", "g", "1", "", "", "", "", "1 failed", ""]
 
 
 def test_cli_prints_the_table_and_fails_on_a_missing_dir(sweep, tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from normlab.ics.measure import (
+    PROBE_MODES,
     distribution_stats,
     grad_norm,
     grad_shift,
@@ -32,7 +33,7 @@ from normlab.ics.measure import (
     probe_batch,
 )
 from normlab.ics.summary import activation_summary, grad_shift_summary
-from normlab.runs import Series, read_scalars
+from normlab.runs import Series, read_scalars, sorted_layers
 
 # ---------------------------------------------------------------- cadence
 
@@ -104,26 +105,32 @@ def log_weight_stats(
 Layout = dict[str, dict[str, list]]
 
 
-def ics_layout(layers: list[str]) -> Layout:
-    """Margin charts (value p50, band p15..p85) per layer; grad shift and grad norms per layer."""
-    return {
+def ics_layout(layers: list[str], sections: Layout | None = None, grads: bool = True) -> Layout:
+    """The p15..p85 band (margin chart around p50) of each layer's input, in forward order;
+    then the sections other callbacks contribute; then gradient norms when they are logged."""
+    layout: Layout = {
         "ICS: input of each nonlinearity (p50, band p15-p85)": {
             layer: ["Margin", [f"ics/{layer}/p50", f"ics/{layer}/p15", f"ics/{layer}/p85"]]
-            for layer in layers
+            for layer in sorted_layers(layers)
         },
-        "ICS: gradient shift ||G - G'|| (Santurkar et al. 2018)": {
-            "grad_shift": ["Multiline", [r"ics/.*/grad_shift"]],
-            "grad_cos": ["Multiline", [r"ics/.*/grad_cos"]],
-        },
-        "Gradient norms": {"grads": ["Multiline", [r"grads/.*/norm"]]},
+        **(sections or {}),
     }
+    if grads:
+        layout["Gradient norms"] = {"grads": ["Multiline", [r"grads/.*/norm"]]}
+    return layout
 
 
-def write_layout(trainer: pl.Trainer, layers: list[str]) -> None:
-    """Add the dashboard to every TensorBoard logger of the trainer (rank 0 only)."""
-    if trainer.is_global_zero:
-        for writer in tensorboard_writers(trainer):
-            writer.add_custom_scalars(ics_layout(layers))
+def write_layout(trainer: pl.Trainer, layers: list[str], grads: bool = True) -> None:
+    """Add the dashboard to every TensorBoard logger of the trainer (rank 0 only), with the
+    sections of every callback that has a `layout_section(layers)`."""
+    if not trainer.is_global_zero:
+        return
+    sections: Layout = {}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "layout_section"):
+            sections.update(callback.layout_section(layers))
+    for writer in tensorboard_writers(trainer):
+        writer.add_custom_scalars(ics_layout(layers, sections, grads))
 
 
 # ---------------------------------------------------------------- recording for metrics.json
@@ -179,9 +186,14 @@ class ICSMonitor(RecordingCallback):
         bins: int = 64,
         weights: bool = True,
         layout: bool = True,
+        probe_mode: str = "batch",
         output_dir: str | Path | None = None,
     ) -> None:
         super().__init__(output_dir)
+        if probe_mode not in PROBE_MODES:
+            valid = ", ".join(PROBE_MODES)
+            raise ValueError(f"probe_mode={probe_mode!r} is not valid; choose one of: {valid}")
+        self.probe_mode = probe_mode
         self.cadence = StepCadence(every_n_steps)
         self.probe_size = probe_size
         self.histograms = histograms
@@ -206,7 +218,7 @@ class ICSMonitor(RecordingCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layout:
-            write_layout(trainer, list(pl_module.nonlinearities()))
+            write_layout(trainer, list(pl_module.nonlinearities()), grads=self.weights)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Called inside every optimizer.step(), before the update: the weights after `step` updates.
@@ -222,7 +234,11 @@ class ICSMonitor(RecordingCallback):
         step = trainer.global_step
         if not trainer.is_global_zero or self.probe is None:
             return
-        self.log_activations(trainer, step, probe_activations(pl_module, self.probe))
+        preact, norm_out = probe_activations(pl_module, self.probe, self.probe_mode)
+        self.log_activations(trainer, step, preact)
+        if self.histograms:
+            for layer, x in norm_out.items():
+                log_histogram(trainer, f"norm_out/{layer}", x, step, self.bins)
         if self.weights:
             bins = self.bins if self.histograms else None
             log_weight_stats(trainer, pl_module.weight_layers(), step, bins)
@@ -239,7 +255,7 @@ class ICSMonitor(RecordingCallback):
         self.record(metrics, step)
         if self.histograms:
             for layer, x in activations.items():
-                log_histogram(trainer, f"activations/{layer}", x, step, self.bins)
+                log_histogram(trainer, f"preact/{layer}", x, step, self.bins)
 
     def ics_summary(self) -> dict[str, dict[str, float]]:
         """Per layer: p50 start/end/travel/max shift and the p15-p85 spread at start and end."""
@@ -274,13 +290,24 @@ class GradShift(RecordingCallback):
         log_scalars(trainer, metrics, step)
         self.record(metrics, step)
 
+    def layout_section(self, layers: list[str]) -> Layout:
+        """Dashboard charts per layer; the first layer has no gradient shift (nothing before it)."""
+        measured = sorted_layers(layers)[1:]
+        return {
+            "ICS: gradient shift ||G - G'|| (Santurkar et al. 2018)": {
+                f"{layer} {stat}": ["Multiline", [f"ics/{layer}/{stat}"]]
+                for layer in measured
+                for stat in ("grad_shift", "grad_cos")
+            }
+        } if measured else {}
+
     def ics_summary(self) -> dict[str, dict[str, float]]:
         """Per layer: mean grad_shift and mean grad_cos over the measured steps."""
         return grad_shift_summary(self.series())
 
 
 class WeightStats(pl.Callback):
-    """Gradient norms and weight histograms alone, every N optimizer steps (`ActivationHistograms`
+    """Gradient norms and weight histograms alone, every N optimizer steps (`ICSMonitor`
     logs them too, with `weights=True`: one callback is cheaper than two)."""
 
     def __init__(self, every_n_steps: int = 200, histograms: bool = True, bins: int = 64) -> None:

@@ -8,11 +8,11 @@
   optimization?", Definition 2.1). For weight layer i: G = dL/dW_i at the current weights;
   G' = the same gradient, on the same batch, after the optimizer has updated only the layers
   *before* i (their real update: the real optimizer with its state, fed G's counterparts for those
-  layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it: 0 and 1 by
-  definition. "Before layer i" means every parameter registered before W_i (the backbones register
-  in forward order), so the norm layers' affine parameters of earlier blocks move too. The
-  measurement leaves no trace: parameters, optimizer state, `.grad`, BN running statistics,
-  train/eval mode and the random number generators are restored exactly.
+  layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it (0 and 1 by
+  definition) and is left out. "Before layer i" means every parameter registered before W_i
+  (the backbones register in forward order), so the norm layers' affine parameters of earlier
+  blocks move too. The measurement leaves no trace: parameters, optimizer state, `.grad`, BN
+  running statistics, train/eval mode and the random number generators are restored exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -53,14 +54,23 @@ def distribution_stats(x: torch.Tensor, limit: int = QUANTILE_LIMIT) -> dict[str
 # ---------------------------------------------------------------- the probe batch
 
 
+PROBE_MODES = ("batch", "eval")
+
+
 @contextmanager
-def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input of each module during the `with` body: `{name: tensor}`."""
+def capture(
+    modules: dict[str, nn.Module], what: str = "input"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input (or output) of each module during the `with` body: `{name: tensor}`."""
     captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name] = tensor.detach()
+
     handles = [
-        module.register_forward_pre_hook(
-            lambda _module, args, name=name: captured.__setitem__(name, args[0].detach())
-        )
+        module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0]))
+        if what == "input"
+        else module.register_forward_hook(lambda _m, _args, out, name=name: keep(name, out))
         for name, module in modules.items()
     ]
     try:
@@ -76,21 +86,59 @@ def probe_batch(trainer: pl.Trainer, size: int) -> torch.Tensor:
     loader = datamodule.val_dataloader() if datamodule is not None else None
     if loader is not None:
         return next(iter(loader))[0][:size]
-    x = next(iter(trainer.train_dataloader))[0]
-    return x.flatten(0, 1)[:size]  # training batches are stacks (steps_per_call, B, ...)
+    return _flat_inputs(next(iter(trainer.train_dataloader)))[:size]
+
+
+def _flat_inputs(batch: Any) -> torch.Tensor:
+    """The inputs of a training batch: a stack of mini-batches, or a stacked (x, y)."""
+    if hasattr(batch, "minibatches"):
+        return torch.cat([x for x, _ in batch.minibatches()])
+    return batch[0].flatten(0, 1)
 
 
 @torch.no_grad()
-def probe_activations(pl_module: pl.LightningModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inputs of every nonlinearity for the probe batch, in eval mode (no dropout, no BN update)."""
-    was_training = pl_module.training
-    pl_module.eval()
+def probe_activations(
+    model: nn.Module, x: torch.Tensor, mode: str = "batch"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(input of every nonlinearity, output of every norm layer) on the probe batch.
+
+    `mode="batch"` normalizes as training does, with the probe batch's own statistics, and
+    changes nothing: running statistics are restored, dropout is off and the random number
+    generators are rewound. `mode="eval"` runs the model in eval mode: BN uses its running
+    statistics, which at step 0 are the initial (0, 1) and later lag the batch statistics.
+    """
+    if mode not in PROBE_MODES:
+        valid = ", ".join(PROBE_MODES)
+        raise ValueError(f"probe_mode={mode!r} is not valid; choose one of: {valid}")
+    norms = model.norm_layers() if hasattr(model, "norm_layers") else {}
+    norms = {name: m for name, m in norms.items() if not isinstance(m, nn.Identity)}
+    with (
+        _probing(model, mode),
+        capture(model.nonlinearities()) as preact,
+        capture(norms, what="output") as norm_out,
+    ):
+        model(x.to(next(model.parameters()).device))
+    return preact, norm_out
+
+
+@contextmanager
+def _probing(model: nn.Module, mode: str) -> Iterator[None]:
+    """Norm layers in training mode (batch statistics) or eval mode; dropout off; no trace."""
+    was_training = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    device = next(model.parameters()).device
     try:
-        with capture_inputs(pl_module.nonlinearities()) as captured:
-            pl_module(x.to(pl_module.device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train(mode == "batch")
+            for module in model.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.eval()
+            yield
     finally:
-        pl_module.train(was_training)
-    return captured
+        for module, training in was_training.items():
+            module.training = training
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
 
 
 # ---------------------------------------------------------------- gradients
@@ -122,8 +170,7 @@ def grad_shift(
             i = position[id(weight)]
             if grads[i] is None:
                 continue
-            if i == 0:
-                result[name] = (0.0, 1.0)
+            if i == 0:  # nothing before the first layer moves: 0 and 1 by definition
                 continue
             with _updated(optimizer, params[:i], grads[:i]):
                 rewind()

@@ -47,6 +47,10 @@ class ClassifierModule(pl.LightningModule):
         """Activation modules by layer name (`layer1`, ...), for the ICS callbacks."""
         return self.backbone.nonlinearities()
 
+    def norm_layers(self) -> dict[str, nn.Module]:
+        """Norm modules by layer name, for the ICS callbacks (`norm_out/<layer>`); may be empty."""
+        return self.backbone.norm_layers() if hasattr(self.backbone, "norm_layers") else {}
+
     def weight_layers(self) -> dict[str, nn.Module]:
         """Linear/Conv modules by layer name (`layer1`, ..., `head`), for the ICS callbacks."""
         return self.backbone.weight_layers()
