@@ -10,6 +10,7 @@ the figures and the ICS summaries all go through it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -155,6 +156,7 @@ def read_scalars(directory: Path | str, prefix: str = "") -> Series:
     (`tag -> {step: value}`, the last value logged at a step wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file
     series: Series = {}
     for folder in sorted({p.parent for p in Path(directory).rglob("events.out.tfevents.*")}):
         accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})

@@ -54,6 +54,17 @@ def status_line(rows: list[dict[str, Any]]) -> str:
     return f"{len(rows)} jobs: {', '.join(parts)}"
 
 
+def _write_figures(sweep_dir: Path) -> None:
+    """The comparison figures into TensorBoard; a figure must never fail the sweep."""
+    from normlab import dashboard
+
+    try:
+        dashboard.write_sweep_figures(sweep_dir)
+    except Exception as error:  # e.g. no event files at all (logger=csv)
+        print(f"normlab: no comparison figure in TensorBoard: {error}", file=sys.stderr)
+    print(dashboard.tensorboard_hint(sweep_dir), flush=True)
+
+
 class SweepSummary(Callback):
     """`on_multirun_end`: write `<sweep dir>/summary.md`, print it, exit 1 if a job failed."""
 
@@ -64,6 +75,7 @@ class SweepSummary(Callback):
         counts = status_line(rows)
         (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}")
         print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+        _write_figures(sweep_dir)
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:
             print(f"normlab: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from normlab import process
+from normlab import dashboard, process
 from normlab.config import CONFIG_DIR
 from normlab.ics.summary import merge_summaries
 from normlab.runs import METRICS, is_multirun, task_overrides, write_metrics
@@ -26,6 +26,7 @@ from normlab.validate import ConfigError, check_group_choices, one_line, validat
 
 log = logging.getLogger("normlab")
 process.quiet_hydra_launcher_warning()  # module level: joblib's workers import this module too
+dashboard.register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -107,6 +108,8 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = merge_summaries(callbacks)
+    summary["hparams"] = dashboard.hparams_of(cfg)
+    dashboard.log_hparams(trainer, cfg)
     return summary
 
 
