@@ -22,7 +22,7 @@ def test_every_combination_trains_a_step(make_cfg, model, norm, activation, init
         "+trainer.fast_dev_run=true",
         "~logger",
         "~callbacks",
-        "data.steps_per_call=1",
+        "data.steps_per_batch=1",
     )
     result = train(cfg)
     assert result["status"] == "ok"

@@ -67,7 +67,14 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
         num_classes=datamodule.num_classes,
         _convert_="all",
     )
-    return ClassifierModule(backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed)
+    return ClassifierModule(
+        backbone,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None,
+        grad_clip=cfg.get("grad_clip"),
+        seed=cfg.seed,
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any, list[Any]]:

@@ -123,17 +123,11 @@ def _trainer_fit(
 ) -> Callable[[], None]:
     from hydra.utils import instantiate
 
-    from normlab.models.module import ClassifierModule
+    from normlab.train import build_module
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
-    backbone = instantiate(
-        cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes,
-        _convert_="all",
-    )
-    module = ClassifierModule(
-        backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed
-    )
+    module = build_module(cfg, datamodule)
     ics = [instantiate(c) for c in cfg.callbacks.values()
            if c is not None and c._target_.startswith("normlab.ics.")]
     trainer = instantiate(

@@ -37,8 +37,8 @@ def probe_batch(trainer: pl.Trainer, size: int) -> torch.Tensor:
     loader = datamodule.val_dataloader() if datamodule is not None else None
     if loader is not None:
         return next(iter(loader))[0][:size]
-    x = next(iter(trainer.train_dataloader))[0]
-    return x.flatten(0, 1)[:size]  # training batches are stacks (steps_per_call, B, ...)
+    x, _ = next(iter(trainer.train_dataloader)).flat()  # training batches are MiniBatchStacks
+    return x[:size]
 
 
 @torch.no_grad()
