@@ -88,9 +88,12 @@ def test_lr_follows_the_closed_form_at_every_optimizer_step(tmp_path, scheduler)
 
 def test_train_lr_in_the_default_run_and_decreasing_under_cosine(tmp_path):
     train(compose_cfg(tmp_path / "none", "trainer.max_epochs=2"))
-    train(compose_cfg(tmp_path / "cos", "trainer.max_epochs=2", "scheduler=cosine"))
+    every_5 = "trainer.log_every_n_steps=5"
+    train(compose_cfg(tmp_path / "cos", "trainer.max_epochs=2", "scheduler=cosine", every_5))
     constant, cosine = lr_points(tmp_path / "none"), lr_points(tmp_path / "cos")
-    assert len(constant) >= 2 and all(v == pytest.approx(0.01) for v in constant.values())
+    assert sorted(constant) == [0, 50]  # default: every 50 optimizer steps
+    assert all(v == pytest.approx(0.01) for v in constant.values())
+    assert sorted(cosine) == list(range(0, 74, 5))
     values = [cosine[k] for k in sorted(cosine)]
     assert values[0] == pytest.approx(0.01) and values[-1] < 0.001
     assert all(b < a for a, b in zip(values[1:], values[2:], strict=False))  # 0 and 1: both lr
