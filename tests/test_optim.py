@@ -245,3 +245,21 @@ def test_limit_train_batches_means_optimizer_steps_with_one_step_per_batch(tmp_p
     result = train(compose_cfg(tmp_path, "trainer.limit_train_batches=5", "trainer.max_epochs=2",
                                "data.steps_per_batch=1", "~callbacks", "~logger"))
     assert result["steps"] == 10
+
+
+@pytest.mark.parametrize("scheduler", [("scheduler=cosine", "scheduler.T_max=74"),
+                                       ("scheduler=warmup_cosine", "scheduler.warmup_steps=10",
+                                        "scheduler.total_steps=74")])
+def test_resume_with_a_schedule_equals_the_straight_run(tmp_path, scheduler):
+    common = ("optimizer=sgd", "optimizer.momentum=0.9", "lr=0.1", "dropout=0.2", *scheduler,
+              "~callbacks.activation_histograms")
+    straight = train(compose_cfg(tmp_path / "straight", *common, "trainer.max_epochs=2"))
+    train(compose_cfg(tmp_path / "half", *common, "trainer.max_epochs=1"))
+    half = tmp_path / "half" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_cfg(tmp_path / "resumed", *common, "trainer.max_epochs=2",
+                                f"ckpt_path={half}"))
+    a, b = saved(tmp_path / "straight"), saved(tmp_path / "resumed")
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 74
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert straight["val/loss"] == resumed["val/loss"]
