@@ -150,6 +150,8 @@ class ClassifierModule(pl.LightningModule):
             losses.append(loss.detach())
             if self._diverged(loss):
                 break
+        if not losses:  # max_steps already reached (e.g. resuming a finished run)
+            return
         # Metrics are updated once per batch, not per optimizer step: same numbers, less overhead
         # (equal-size batches, so the mean of their losses weighted by all samples is the same).
         self._update("train", torch.cat(all_logits), torch.cat(all_y), torch.stack(losses).mean())
