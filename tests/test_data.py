@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.data.batches import TensorBatches
+from normlab.data.batches import MiniBatchStack, TensorBatches
 from normlab.data.datamodule import NormLabDataModule
 from normlab.data.registry import DatasetMissingError, dataset_info, load_digits
 
@@ -27,7 +27,7 @@ def batches(n=100, bs=8, **kw):
 
 def order_of(loader, epoch):
     loader.set_epoch(epoch)
-    return torch.cat([y.reshape(-1) for _, y in loader])
+    return torch.cat([stack.flat()[1] for stack in loader])
 
 
 def test_order_depends_only_on_seed_and_epoch():
@@ -40,19 +40,44 @@ def test_order_depends_only_on_seed_and_epoch():
 
 
 def test_grouped_steps_give_the_same_minibatches():
-    single, grouped = batches(steps_per_call=1), batches(steps_per_call=5)
-    singles = [y[0] for _, y in single]
-    groups = [y for _, y in grouped]
-    assert len(grouped) == 3 and [g.shape[0] for g in groups] == [5, 5, 2]
-    assert all(x.shape == (5, 8, 1) for x, _ in list(grouped)[:2])
-    assert torch.equal(torch.stack(singles), torch.cat(groups))
+    single, grouped = batches(steps_per_batch=1), batches(steps_per_batch=5)
+    singles = [y for stack in single for _, y in stack.minibatches()]
+    stacks = list(grouped)
+    assert len(grouped) == 3 and [len(s) for s in stacks] == [5, 5, 2]
+    assert all(s.x.shape == (5, 8, 1) for s in stacks[:2])
+    assert torch.equal(torch.stack(singles), torch.cat([s.y for s in stacks]))
+    assert grouped.steps_per_epoch == 12  # 100 samples, batches of 8, last partial dropped
+
+
+def test_minibatch_stack_views():
+    x, y = torch.randn(3, 4, 2, 5), torch.arange(12).view(3, 4)
+    stack = MiniBatchStack(x, y)
+    assert len(stack) == 3
+    steps = list(stack.minibatches())
+    assert len(steps) == 3
+    for k, (xk, yk) in enumerate(steps):
+        assert torch.equal(xk, x[k]) and torch.equal(yk, y[k])
+    assert all(torch.equal(a, b) for a, b in zip(stack.first(), (x[0], y[0]), strict=True))
+    flat_x, flat_y = stack.flat()
+    assert flat_x.shape == (12, 2, 5) and flat_y.tolist() == list(range(12))
+
+
+def test_lightning_moves_a_minibatch_stack_to_the_device():
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    stack = MiniBatchStack(torch.randn(2, 3, 4), torch.arange(6).view(2, 3))
+    moved = move_data_to_device(stack, torch.device("meta"))
+    assert isinstance(moved, MiniBatchStack)
+    assert moved.x.device.type == moved.y.device.type == "meta"
+    assert moved.x.shape == (2, 3, 4) and moved.y.dtype == torch.int64
+    assert stack.x.device.type == "cpu"  # a new stack, the original untouched
 
 
 def test_ddp_ranks_split_every_global_batch():
     ranks = [batches(seed=4, rank=r, world_size=2) for r in range(2)]
-    full = [y[0] for _, y in batches(seed=4)]
+    full = [stack.first()[1] for stack in batches(seed=4)]
     for step, (a, b) in enumerate(zip(*ranks, strict=True)):
-        together = torch.cat([a[1][0], b[1][0]])
+        together = torch.cat([a.first()[1], b.first()[1]])
         assert sorted(together.tolist()) == sorted(full[step].tolist())
 
 

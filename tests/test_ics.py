@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,7 +33,7 @@ from normlab.models.module import ClassifierModule
 from normlab.runs import read_scalars
 
 EVERY = 5
-STEPS_PER_CALL = 3
+STEPS_PER_BATCH = 3
 STEPS = 1197 // 32  # digits: 1,197 training samples, batch 32, one epoch
 
 
@@ -49,15 +50,17 @@ class SpyActivations(ICSMonitor):
 
 
 def fit(
-    root: Path, callbacks: list[pl.Callback], *, steps_per_call: int = 1, dropout: float = 0.0,
+    root: Path, callbacks: list[pl.Callback], *, steps_per_batch: int = 1, dropout: float = 0.0,
     csv: bool = False, max_steps: int = -1,
 ) -> tuple[pl.Trainer, ClassifierModule]:
     pl.seed_everything(0, verbose=False)
     datamodule = NormLabDataModule("digits", root=root / "data", batch_size=32,
-                                   steps_per_call=steps_per_call)
+                                   steps_per_batch=steps_per_batch)
     backbone = MLP(datamodule.input_shape, datamodule.num_classes, hidden_sizes=(16, 16),
                    norm="bn", dropout=dropout)
-    module = ClassifierModule(backbone, datamodule.num_classes, lr=0.01)
+    module = ClassifierModule(
+        backbone, datamodule.num_classes, optimizer=partial(torch.optim.Adam, lr=0.01)
+    )
     loggers = [TensorBoardLogger(root, name="tb", version="")]
     if csv:
         loggers.append(CSVLogger(root, name="csv", version=""))
@@ -77,7 +80,7 @@ def icsrun(tmp_path_factory):
     spy = SpyActivations(every_n_steps=EVERY, probe_size=64, output_dir=root)
     shift = GradShift(every_n_steps=EVERY, output_dir=root)
     callbacks = [spy, shift]
-    trainer, module = fit(root, callbacks, steps_per_call=STEPS_PER_CALL, csv=True)
+    trainer, module = fit(root, callbacks, steps_per_batch=STEPS_PER_BATCH, csv=True)
     return {"root": root, "spy": spy, "shift": shift, "trainer": trainer, "module": module,
             "scalars": read_scalars(root / "tb")}
 
@@ -128,9 +131,9 @@ def test_cadence_counts_optimizer_steps_not_batches(icsrun):
     assert set(scalars["ics/layer1/p50"]) == exact
     assert set(scalars["grads/layer1/norm"]) == exact - {STEPS}  # no update follows the end
     # grad shift needs a whole batch: the start of each batch whose 3 steps contain a multiple of 5
-    starts = range(0, STEPS, STEPS_PER_CALL)
+    starts = range(0, STEPS, STEPS_PER_BATCH)
     due = {s for s in starts if any((s + k) % EVERY == 0
-                                    for k in range(min(STEPS_PER_CALL, STEPS - s)))}
+                                    for k in range(min(STEPS_PER_BATCH, STEPS - s)))}
     assert set(scalars["ics/layer2/grad_shift"]) == due
 
 
@@ -265,7 +268,7 @@ def test_grad_shift_with_adam_matches_a_copy_and_leaves_no_trace():
 
 def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
     def final_state(root, callbacks):
-        trainer, module = fit(root, callbacks, steps_per_call=2, dropout=0.2, max_steps=20)
+        trainer, module = fit(root, callbacks, steps_per_batch=2, dropout=0.2, max_steps=20)
         assert trainer.global_step == 20
         return copy.deepcopy({"model": module.state_dict(),
                               "optimizer": trainer.optimizers[0].state_dict()})
@@ -352,7 +355,7 @@ def test_activation_summary_numbers():
 
 def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
     torch.manual_seed(0)
-    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm="bn", dropout=0.5), 3, 0.01)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm="bn", dropout=0.5), 3)
     model.train()
     x = torch.randn(256, 20) * 3 + 2
     buffers = copy.deepcopy(dict(model.named_buffers()))
@@ -370,7 +373,7 @@ def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
 
 def test_probe_eval_mode_uses_running_statistics():
     torch.manual_seed(0)
-    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm="bn"), 3, 0.01)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm="bn"), 3)
     x = torch.randn(256, 20) * 3 + 2
     _, norm_out = probe_activations(model, x, mode="eval")
     linear_out = model.backbone.blocks.layer1.linear(x)  # BN with (0, 1) running stats: identity

@@ -22,7 +22,7 @@ def test_every_combination_trains_a_step(make_cfg, model, norm, activation, init
         "+trainer.fast_dev_run=true",
         "~logger",
         "~callbacks",
-        "data.steps_per_call=1",
+        "data.steps_per_batch=1",
     )
     result = train(cfg)
     assert result["status"] == "ok"
@@ -57,7 +57,7 @@ def test_same_seed_pairs_runs_across_norms(make_cfg):
         model = instantiate(cfg.model, input_shape=dm.input_shape, num_classes=10, _convert_="all")
         loader = dm.train_dataloader()
         loader.set_epoch(2)
-        return model.blocks.layer1.linear.weight.detach(), [y for _, y in loader]
+        return model.blocks.layer1.linear.weight.detach(), [stack.y for stack in loader]
 
     w_none, b_none = first_weights_and_batches("none")
     w_bn, b_bn = first_weights_and_batches("bn")

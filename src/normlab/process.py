@@ -32,6 +32,9 @@ def quiet_lightning() -> None:
                 lightning_logger.removeHandler(handler)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\..*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # log_every_n_steps counts optimizer steps here (train/lr); Lightning compares it with the
+    # number of Lightning batches, K times smaller, and would warn for nothing.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller")
 
 
 def skip_nvml_probe_on_cpu(cfg: DictConfig) -> None:

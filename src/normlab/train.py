@@ -62,13 +62,16 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
 
     from normlab.models.module import ClassifierModule
 
-    backbone = instantiate(
-        cfg.model,
-        input_shape=datamodule.input_shape,
+    shape, classes = datamodule.input_shape, datamodule.num_classes
+    backbone = instantiate(cfg.model, input_shape=shape, num_classes=classes, _convert_="all")
+    return ClassifierModule(
+        backbone,
         num_classes=datamodule.num_classes,
-        _convert_="all",
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None,
+        grad_clip=cfg.get("grad_clip"),
+        seed=cfg.seed,
     )
-    return ClassifierModule(backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any, list[Any]]:
@@ -79,9 +82,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any
         return [instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]
 
     callbacks = group("callbacks")
-    trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=group("logger")
-    )
+    loggers = group("logger")
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers)
     return trainer, callbacks
 
 

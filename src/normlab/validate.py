@@ -72,9 +72,15 @@ def validate(cfg: DictConfig) -> None:
     lr = _number(cfg, "lr")
     if lr <= 0:
         raise ConfigError(f"lr={lr} is out of range: it must be > 0")
+    grad_clip = _select(cfg, "grad_clip")
+    if grad_clip is not None and _number(cfg, "grad_clip") <= 0:
+        raise ConfigError(f"grad_clip={grad_clip} is out of range: it must be > 0 (or null: off)")
     _validate_batch(cfg)
     _validate_model(cfg)
+    _validate_optimizer(cfg)
+    _validate_scheduler(cfg)
     _validate_trainer(cfg)
+    _validate_manual_optimization(cfg)
     if cfg.get("ckpt_path"):
         check_checkpoint(Path(cfg.ckpt_path))
 
@@ -100,6 +106,110 @@ def _validate_model(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}=[] is empty: give at least one size, e.g. {key}=[32,32]")
         if sizes is not None and any(not isinstance(s, int) or s < 1 for s in sizes):
             raise ConfigError(f"{key}={list(sizes)} must be positive integers")
+
+
+def steps_per_batch(cfg: DictConfig) -> int:
+    """Optimizer steps per Lightning batch (`data.steps_per_call` is its deprecated name)."""
+    old = _select(cfg, "data.steps_per_call") is not None
+    key = "data.steps_per_call" if old else "data.steps_per_batch"
+    value = _integer(cfg, key, minimum=1)
+    return 1 if value is None else value
+
+
+def _integer(cfg: DictConfig, key: str, minimum: int, unit: str = "") -> int | None:
+    """`key` when set must be an integer >= minimum; None when unset."""
+    value = _select(cfg, key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    ):
+        raise ConfigError(
+            f"{key}={value!r} is out of range: it must be an integer >= {minimum}{unit}"
+        )
+    return value
+
+
+def _in_range(cfg: DictConfig, key: str, low: float, high: float | None, valid: str) -> None:
+    """`key` when set must be a number with low <= value < high (`valid` says it in words)."""
+    if _select(cfg, key) is None:
+        return
+    value = _number(cfg, key)
+    if value < low or (high is not None and value >= high):
+        raise ConfigError(f"{key}={value} is out of range: it must be {valid}")
+
+
+def _validate_optimizer(cfg: DictConfig) -> None:
+    _in_range(cfg, "optimizer.momentum", 0, 1, "in [0, 1)")
+    _in_range(cfg, "optimizer.dampening", 0, 1, "in [0, 1)")
+    _in_range(cfg, "optimizer.weight_decay", 0, None, ">= 0")
+    for i, beta in enumerate(_select(cfg, "optimizer.betas") or []):
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+            raise ConfigError(
+                f"optimizer.betas[{i}]={beta!r} is out of range: it must be in [0, 1)"
+            )
+    if _select(cfg, "optimizer.nesterov") and not (_select(cfg, "optimizer.momentum") or 0) > 0:
+        raise ConfigError(
+            "optimizer.nesterov=true needs momentum: set optimizer.momentum > 0, e.g. 0.9"
+        )
+    fused = _select(cfg, "optimizer.fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optimizer.fused={fused!r} must be true, false or null (automatic)")
+
+
+def _validate_scheduler(cfg: DictConfig) -> None:
+    for key in ("scheduler.T_max", "scheduler.total_steps", "scheduler.step_size"):
+        _integer(cfg, key, minimum=1, unit=" (optimizer steps)")
+    _integer(cfg, "scheduler.warmup_steps", minimum=0, unit=" (optimizer steps)")
+    gamma = _select(cfg, "scheduler.gamma")
+    if gamma is not None and not _number(cfg, "scheduler.gamma") > 0:
+        raise ConfigError(f"scheduler.gamma={gamma} is out of range: it must be > 0")
+    _in_range(cfg, "scheduler.eta_min", 0, None, ">= 0")
+    start = _select(cfg, "scheduler.start_factor")
+    if start is not None and not 0 < _number(cfg, "scheduler.start_factor") <= 1:
+        raise ConfigError(f"scheduler.start_factor={start} is out of range: it must be in (0, 1]")
+
+
+# Trainer options Lightning refuses or reinterprets under manual optimization: what to use instead.
+MANUAL_OPTIMIZATION = "normlab optimizes manually (several optimizer steps per Lightning batch)"
+
+
+def _validate_manual_optimization(cfg: DictConfig) -> None:
+    clip = _select(cfg, "trainer.gradient_clip_val")
+    if clip is not None:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip}: {MANUAL_OPTIMIZATION} and Lightning's clipping "
+            f"does not apply; use grad_clip={clip}"
+        )
+    algorithm = _select(cfg, "trainer.gradient_clip_algorithm")
+    if algorithm is not None:
+        raise ConfigError(
+            f"trainer.gradient_clip_algorithm={algorithm}: {MANUAL_OPTIMIZATION}; grad_clip=<max "
+            f"norm> clips the total gradient norm"
+        )
+    accumulate = _select(cfg, "trainer.accumulate_grad_batches")
+    if accumulate not in (None, 1):
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate}: {MANUAL_OPTIMIZATION} and Lightning "
+            f"does not accumulate; use a larger data.batch_size"
+        )
+    log_every = _select(cfg, "trainer.log_every_n_steps")
+    if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+        raise ConfigError(
+            f"trainer.log_every_n_steps={log_every!r} is out of range: it must be an integer >= 1 "
+            f"(optimizer steps between train/lr points)"
+        )
+    per_batch = steps_per_batch(cfg)
+    if per_batch == 1:
+        return
+    for key, instead in (
+        ("limit_train_batches", "trainer.max_steps=<optimizer steps>"),
+        ("val_check_interval", "validation at epoch ends (trainer.check_val_every_n_epoch)"),
+    ):
+        value = _select(cfg, f"trainer.{key}")
+        if value is not None and value != 1.0:
+            raise ConfigError(
+                f"trainer.{key}={value} counts Lightning batches, each of data.steps_per_batch="
+                f"{per_batch} optimizer steps; use {instead}, or data.steps_per_batch=1 with it"
+            )
 
 
 def _validate_trainer(cfg: DictConfig) -> None:

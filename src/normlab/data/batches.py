@@ -11,16 +11,48 @@ global batch size and the data order are the same whatever the number of process
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 
-class TensorBatches:
-    """Iterable of `(x, y)` batches; in training, of stacks of `steps_per_call` mini-batches.
+@dataclass
+class MiniBatchStack:
+    """K training mini-batches of B samples, one per optimizer step: `x` (K, B, ...), `y` (K, B).
 
-    Training batches come as `x` of shape (K, B, ...) and `y` of shape (K, B) so the module can
-    run K optimizer steps per Lightning step; evaluation batches are plain (B, ...) and (B,).
+    One Lightning batch carries K of them so Lightning's per-batch bookkeeping is paid once per
+    K optimizer steps. Lightning moves it to the device through `to()` (`move_data_to_device`
+    treats any object with a `to` method as one transferable leaf).
     """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def minibatches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The `(x, y)` of each optimizer step, in order."""
+        return zip(self.x.unbind(0), self.y.unbind(0), strict=True)
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mini-batch of the stack's first optimizer step."""
+        return self.x[0], self.y[0]
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples as one batch: (K * B, ...) and (K * B,)."""
+        return self.x.flatten(0, 1), self.y.flatten(0, 1)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MiniBatchStack:
+        return MiniBatchStack(
+            self.x.to(device, non_blocking=non_blocking),
+            self.y.to(device, non_blocking=non_blocking),
+        )
+
+
+class TensorBatches:
+    """Iterable of batches: `MiniBatchStack`s of `steps_per_batch` mini-batches in training,
+    plain `(x, y)` of shapes (B, ...) and (B,) in evaluation."""
 
     def __init__(
         self,
@@ -30,7 +62,7 @@ class TensorBatches:
         *,
         train: bool,
         seed: int = 0,
-        steps_per_call: int = 1,
+        steps_per_batch: int = 1,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -38,7 +70,7 @@ class TensorBatches:
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.steps_per_call = steps_per_call if train else 1
+        self.steps_per_batch = steps_per_batch if train else 1
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.sampler = self  # Lightning looks for `sampler.set_epoch`
@@ -53,8 +85,13 @@ class TensorBatches:
         n = len(self.y)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch: one per mini-batch (read by the module)."""
+        return self.num_batches
+
     def __len__(self) -> int:
-        return -(-self.num_batches // self.steps_per_call)
+        return -(-self.num_batches // self.steps_per_batch)
 
     def epoch_order(self) -> torch.Tensor:
         if not self.train:
@@ -62,7 +99,7 @@ class TensorBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.y), generator=generator)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[MiniBatchStack | tuple[torch.Tensor, torch.Tensor]]:
         order = self.epoch_order()
         if self.train:
             yield from self._train_batches(order)
@@ -70,13 +107,12 @@ class TensorBatches:
             for start in range(0, len(order), self.batch_size):
                 yield self._gather(order[start : start + self.batch_size])
 
-    def _train_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        per_call = self.batch_size * self.steps_per_call
+    def _train_batches(self, order: torch.Tensor) -> Iterator[MiniBatchStack]:
+        per_stack = self.batch_size * self.steps_per_batch
         usable = order[: self.num_batches * self.batch_size]
-        for start in range(0, len(usable), per_call):
-            chunk = usable[start : start + per_call].view(-1, self.batch_size)
-            x, y = self._gather(chunk)
-            yield x, y
+        for start in range(0, len(usable), per_stack):
+            chunk = usable[start : start + per_stack].view(-1, self.batch_size)
+            yield MiniBatchStack(*self._gather(chunk))
 
     def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The rank's share of every batch: columns rank, rank + world_size, ...

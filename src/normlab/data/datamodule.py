@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from normlab.data.batches import TensorBatches
 from normlab.data.registry import Splits, dataset_info
@@ -13,9 +15,15 @@ from normlab.data.registry import Splits, dataset_info
 # Move a dataset onto the GPU once when it takes less than this share of free GPU memory.
 _GPU_RESIDENT_SHARE = 0.25
 
+log = logging.getLogger("normlab")
+
 
 class NormLabDataModule(pl.LightningDataModule):
-    """`name` picks the dataset (see `registry.DATASETS`); batches are tensor slices."""
+    """`name` picks the dataset (see `registry.DATASETS`); batches are tensor slices.
+
+    Training batches are `MiniBatchStack`s of `steps_per_batch` mini-batches (optimizer steps per
+    Lightning batch). `steps_per_call` is its old name, still accepted for one release.
+    """
 
     def __init__(
         self,
@@ -25,7 +33,8 @@ class NormLabDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 512,
         seed: int = 0,
-        steps_per_call: int = 1,
+        steps_per_batch: int = 1,
+        steps_per_call: int | None = None,
     ) -> None:
         super().__init__()
         self.info = dataset_info(name)
@@ -35,7 +44,10 @@ class NormLabDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
-        self.steps_per_call = steps_per_call
+        if steps_per_call is not None:
+            _warn_deprecated_steps_per_call(steps_per_call)
+            steps_per_batch = steps_per_call
+        self.steps_per_batch = steps_per_batch
         self.splits: Splits | None = None
 
     @property
@@ -84,7 +96,7 @@ class NormLabDataModule(pl.LightningDataModule):
             batch_size,
             train=train,
             seed=self.seed,
-            steps_per_call=self.steps_per_call,
+            steps_per_batch=self.steps_per_batch,
             rank=rank,
             world_size=world,
         )
@@ -97,3 +109,12 @@ class NormLabDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> TensorBatches:
         return self._batches("test", self.eval_batch_size, train=False)
+
+
+@rank_zero_only
+def _warn_deprecated_steps_per_call(value: int) -> None:
+    log.warning(
+        "data.steps_per_call=%s is deprecated: use data.steps_per_batch=%s (same meaning)",
+        value,
+        value,
+    )

@@ -276,11 +276,10 @@ class GradShift(RecordingCallback):
         self.cadence = StepCadence(every_n_steps)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        xs, ys = batch  # stacks of steps_per_call mini-batches: (K, B, ...), (K, B)
         step = trainer.global_step
-        if not (trainer.is_global_zero and self.cadence.due_within(step, len(xs))):
+        if not (trainer.is_global_zero and self.cadence.due_within(step, len(batch))):
             return
-        x, y = xs[0], ys[0]
+        x, y = batch.first()  # a MiniBatchStack
         optimizer = pl_module.optimizers(use_pl_optimizer=False)
         weights = {name: layer.weight for name, layer in pl_module.weight_layers().items()}
         shifts = grad_shift(pl_module, optimizer, weights, lambda: F.cross_entropy(pl_module(x), y))

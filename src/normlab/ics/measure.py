@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -86,14 +85,8 @@ def probe_batch(trainer: pl.Trainer, size: int) -> torch.Tensor:
     loader = datamodule.val_dataloader() if datamodule is not None else None
     if loader is not None:
         return next(iter(loader))[0][:size]
-    return _flat_inputs(next(iter(trainer.train_dataloader)))[:size]
-
-
-def _flat_inputs(batch: Any) -> torch.Tensor:
-    """The inputs of a training batch: a stack of mini-batches, or a stacked (x, y)."""
-    if hasattr(batch, "minibatches"):
-        return torch.cat([x for x, _ in batch.minibatches()])
-    return batch[0].flatten(0, 1)
+    x, _ = next(iter(trainer.train_dataloader)).flat()  # training batches are MiniBatchStacks
+    return x[:size]
 
 
 @torch.no_grad()
