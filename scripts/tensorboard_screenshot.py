@@ -61,15 +61,20 @@ def fetch_json(url: str, body: dict | None = None) -> object:
         return json.loads(response.read().decode())
 
 
+# What each page draws, as the TensorBoard route that must answer non-empty before the shot.
+PAGE_DATA = {
+    "time_series": "/data/plugin/scalars/tags",
+    "custom_scalars": "/data/plugin/custom_scalars/layout",
+    "hparams": "/data/plugin/hparams/experiment",
+}
+
+
 def page_has_data(base: str, page: str) -> bool:
     """Does TensorBoard already serve what `page` draws (not just an empty run list)?"""
-    plugin = f"{base}/data/plugin"
-    if page == "custom_scalars":
-        return bool(fetch_json(f"{plugin}/custom_scalars/layout"))
     if page == "hparams":
-        experiment = fetch_json(f"{plugin}/hparams/experiment", {"experimentName": ""})
+        experiment = fetch_json(base + PAGE_DATA[page], {"experimentName": ""})
         return bool(isinstance(experiment, dict) and experiment.get("hparamInfos"))
-    return any(fetch_json(f"{plugin}/{kind}/tags") for kind in ("scalars", "images"))
+    return bool(fetch_json(base + PAGE_DATA[page]))
 
 
 def wait_until_loaded(base: str, page: str, server: subprocess.Popen, timeout: float) -> list:
@@ -86,7 +91,8 @@ def wait_until_loaded(base: str, page: str, server: subprocess.Popen, timeout: f
         except (OSError, ValueError):
             pass  # not listening yet
         time.sleep(1.0)
-    raise ScreenshotError(f"tensorboard served no data for the {page} page within {timeout:.0f} s")
+    raise ScreenshotError(f"no data for the {page} page after {timeout:.0f} s: "
+                          f"{PAGE_DATA[page]} stayed empty (runs: {previous or 'none'})")
 
 
 def start_tensorboard(logdir: Path, port: int, log: Path) -> subprocess.Popen:

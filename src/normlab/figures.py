@@ -65,7 +65,8 @@ def load_runs(paths: Sequence[Path | str]) -> list[RunCurves]:
     runs = []
     for directory in run_dirs(paths):
         norm, seed = describe(directory)
-        runs.append(RunCurves(directory, norm, seed, read_scalars(directory), start_time(directory)))
+        series = read_scalars(directory)
+        runs.append(RunCurves(directory, norm, seed, series, start_time(directory)))
     return runs
 
 

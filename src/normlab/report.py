@@ -107,7 +107,8 @@ def _error(job_dir: Path, job: dict[str, Any]) -> str:
     (`read_job` then returns a failed record whose error starts with the file's path)."""
     error = str(job.get("error") or "")
     path = job_dir / METRICS_FILE
-    return f"{UNREADABLE_PREFIX}{error}" if path.is_file() and error.startswith(str(path)) else error
+    unreadable = path.is_file() and error.startswith(str(path))
+    return f"{UNREADABLE_PREFIX}{error}" if unreadable else error
 
 
 def _number(value: Any) -> float:
