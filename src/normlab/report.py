@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,17 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None,
     scalars = {job: read_scalars(sweep_dir / job) for job in jobs["job"]}
     files += save_figure(plot_curves(jobs, scalars), out_dir / "report_curves", formats)
     files += save_figure(plot_ics(jobs, scalars), out_dir / "report_ics", formats)
-    skipped = [error for error in jobs["error"] if error.startswith(UNREADABLE_PREFIX)]
+    skipped = [f"skipped {error}" for error in jobs.loc[jobs["unreadable"], "error"]]
     return Report(groups, markdown_table(groups, common_overrides(jobs)), files, skipped)
 
 
 # ---------------------------------------------------------------- jobs and groups
 
 
-UNREADABLE_PREFIX = "skipped "
-
-
 def jobs_frame(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job: job, seed, group (its overrides without seed), status, error, started
-    (when TensorBoard says its run started), metrics, ics/*."""
+    """One row per job: job, seed, group (its overrides without seed), status, error,
+    unreadable (metrics.json there but not readable), started (when TensorBoard says its run
+    started), metrics, ics/*."""
     rows = [_job_row(job_dir) for job_dir in job_dirs(Path(sweep_dir))]
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -93,7 +92,8 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
         "seed": seeds[0] if seeds else "",
         "overrides": tuple(o for o in overrides if override_key(o) != SEED_KEY),
         "status": job.get("status", "unknown"),
-        "error": _error(job_dir, job),
+        "error": str(job.get("error") or ""),
+        "unreadable": _unreadable(job_dir, job),
         "started": start_time(job_dir),
     }
     row.update({m: _number(job.get(m)) for m in METRICS})
@@ -102,13 +102,11 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
     return row
 
 
-def _error(job_dir: Path, job: dict[str, Any]) -> str:
-    """The job's error line; one naming the file when its metrics.json exists but is unreadable
-    (`read_job` then returns a failed record whose error starts with the file's path)."""
-    error = str(job.get("error") or "")
+def _unreadable(job_dir: Path, job: dict[str, Any]) -> bool:
+    """Is metrics.json there but unreadable? `read_job` then returns a failed record whose
+    error line starts with the file's path."""
     path = job_dir / METRICS_FILE
-    unreadable = path.is_file() and error.startswith(str(path))
-    return f"{UNREADABLE_PREFIX}{error}" if unreadable else error
+    return path.is_file() and str(job.get("error") or "").startswith(str(path))
 
 
 def _number(value: Any) -> float:
@@ -267,8 +265,14 @@ def _seeds_with_data(jobs: pd.DataFrame, data: pd.DataFrame) -> dict[str, int]:
     return data.groupby("group")["job"].nunique().to_dict() if not data.empty else {}
 
 
-def _label(group: str, n_seeds: int) -> str:
-    return f"{group} ({seeds_label(n_seeds)} ± std)" if n_seeds > 1 else group
+def _seeds_caption(seeds: dict[str, int]) -> tuple[str, bool]:
+    """(caption for the whole figure, whether each group must say its own seed count): one
+    caption when every group has the same number of seeds, none when that number is 1."""
+    counts = set(seeds.values())
+    if len(counts) == 1:
+        (n_seeds,) = counts
+        return (seeds_label(n_seeds) if n_seeds > 1 else ""), False
+    return "", len(counts) > 1
 
 
 def plot_curves(jobs: pd.DataFrame, scalars: dict[str, dict[str, pd.Series]]) -> Figure:
@@ -278,19 +282,26 @@ def plot_curves(jobs: pd.DataFrame, scalars: dict[str, dict[str, pd.Series]]) ->
     groups = group_order(jobs)
     colors = group_colors(groups)
     handles: dict[str, Any] = {}
+    curves = {tag: _long(jobs, lambda job, tag=tag: epoch_curve(scalars[job], tag))
+              for tag in CURVES}
+    seeds = {g: max(_seeds_with_data(jobs, d).get(g, 0) for d in curves.values()) for g in groups}
+    caption, per_group = _seeds_caption({g: n for g, n in seeds.items() if n})
     for ax, (tag, name) in zip(axes, CURVES.items(), strict=True):
-        data = _long(jobs, lambda job, tag=tag: epoch_curve(scalars[job], tag))
-        seeds = _seeds_with_data(jobs, data)
+        data = curves[tag]
         for group in groups:
             if not (rows := data[data["group"] == group]).empty:
-                _band(ax, rows, colors[group], _label(group, seeds[group]))
+                label = f"{group} ({seeds_label(seeds[group])})" if per_group else group
+                _band(ax, rows, colors[group], label)
         ax.set(title=name, xlabel="epoch", ylabel=f"{name} ({tag})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         handles.update({h.get_label(): h for h in ax.get_lines()})
     if handles:
+        rows = math.ceil(len(handles) / 3)  # at most 3 columns, rows filled evenly
         fig.legend(handles.values(), handles.keys(), loc="outside lower center",
-                   ncols=min(len(handles), 3), fontsize="small", frameon=False)
+                   ncols=math.ceil(len(handles) / rows), fontsize="small", frameon=False)
+    if caption or per_group:
+        fig.suptitle(f"{caption or 'mean'} ± std (band) per group")
     return fig
 
 
@@ -308,18 +319,25 @@ def plot_ics(jobs: pd.DataFrame, scalars: dict[str, dict[str, pd.Series]]) -> Fi
     # is shared per layer (column), so the spread of the groups compares by eye.
     fig = Figure(figsize=(1.0 + 4.2 * len(layers), 1.6 + 2.4 * len(groups)), layout="constrained")
     grid = fig.subplots(len(groups), len(layers), squeeze=False, sharex=True, sharey="col")
+    seeds = {}
     for row, group in enumerate(groups):
         for col, layer in enumerate(layers):
             ax = grid[row][col]
             n_seeds = _ics_band(ax, jobs[jobs["group"] == group], scalars, layer, colors[group])
-            caption = f" ({seeds_label(n_seeds)})" if n_seeds > 1 else ""
-            ax.set_title(f"{group}: {layer}{caption}", fontsize="medium")
-            ax.yaxis.set_tick_params(labelleft=True)
+            seeds[(group, layer)] = n_seeds
+            ax.set_title(f"{group}: {layer}", fontsize="medium")
             ax.grid(alpha=0.3)
         grid[row][0].set_ylabel(ICS_YLABEL)
+    caption, per_panel = _seeds_caption({k: n for k, n in seeds.items() if n})
+    for (row, group), (col, layer) in product(enumerate(groups), enumerate(layers)):
+        if per_panel and seeds[(group, layer)]:
+            ax = grid[row][col]
+            ax.set_title(f"{ax.get_title()} ({seeds_label(seeds[(group, layer)])})",
+                         fontsize="medium")
     for col in range(len(layers)):
         grid[-1][col].set_xlabel("optimizer step")
-    fig.suptitle("Input of each nonlinearity on the probe batch, per group and layer")
+    fig.suptitle("Input of each nonlinearity on the probe batch, per group and layer"
+                 + (f" ({caption})" if caption else ""))
     fig.legend(handles=[Line2D([], [], color="0.3", label="p50 (median)"),
                         Patch(facecolor="0.3", alpha=0.15, edgecolor="0.3", linestyle="--",
                               label="p15 to p85")],
