@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{port}"
             try:
                 runs = wait_until_loaded(base, args.page, server, args.timeout)
-                url = f"{base}/#{PAGES[args.page]}"
+                # forceSVG: Time Series draws its line charts as SVG; its default WebGL
+                # renderer (in a worker) leaves them blank in headless Chromium without a GPU.
+                url = f"{base}/?forceSVG=true#{PAGES[args.page]}"
                 screenshot(chromium, url, args.out, args.window_size, args.budget_ms,
                            Path(tmp) / "profile")
             finally:
