@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 from normlab.report import (
+    ICS_YLABEL,
     METRICS,
     epoch_curve,
     jobs_frame,
@@ -107,9 +108,10 @@ def test_plots_have_a_line_per_group_and_a_panel_per_layer(sweep):
     for ax in curves.axes[:2]:
         assert len(ax.lines) == 2 and list(ax.lines[0].get_xdata()) == [1, 2, 3]
     ics = plot_ics(jobs, scalars)
-    titles = [ax.get_title().split(":")[0] for ax in ics.axes]
-    assert titles == ["layer1", "layer2", "", ""]  # one row of panels per group
-    assert [ax.get_ylabel() for ax in ics.axes[::2]] == ["norm=none", "norm=bn"]
+    titles = [ax.get_title() for ax in ics.axes]  # one row of panels per group
+    assert titles == ["norm=none: layer1 (mean of 3 seeds)", "norm=none: layer2 (mean of 3 seeds)",
+                      "norm=bn: layer1 (mean of 2 seeds)", "norm=bn: layer2 (mean of 2 seeds)"]
+    assert [ax.get_ylabel() for ax in ics.axes[::2]] == [ICS_YLABEL] * 2
 
 
 def test_a_sweep_without_ics_scalars_gets_an_explaining_figure(tmp_path):

@@ -2,15 +2,23 @@
 p15/p50/p85 of the last hidden layer's nonlinearity input vs step.
 
 Reads only what runs left on disk (event files, `.hydra/config.yaml`, `metrics.json`), never
-model code. Several seeds of one norm are drawn thin, their mean thick.
+model code. Each norm has one colour (the one TensorBoard gives its first run, see
+`normlab.plotstyle`): p50 solid, p15 and p85 dashed around a light band; with several seeds the
+lines are seed means and each seed's p50 is drawn thin.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, works headless
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from normlab.plotstyle import group_colors, save_figure, seeds_label, start_time, tensorboard_order
 from normlab.runs import (
     Series,
     last_hidden_layer,
@@ -22,7 +30,8 @@ from normlab.runs import (
     run_dirs,
 )
 
-PERCENTILE_STYLE = {"p85": "tab:red", "p50": "tab:blue", "p15": "tab:green"}
+PERCENTILE_STYLE = {"p15": "--", "p50": "-", "p85": "--"}  # line style; colour = the norm's
+YLABEL = "input of the nonlinearity (p15 / p50 / p85)"
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,12 @@ class RunCurves:
     norm: str
     seed: int | None
     series: Series
+    started: float = math.inf  # when TensorBoard says the run started (orders the colours)
+
+    @property
+    def group(self) -> str:
+        """The report's name for the run's group (`norm=bn`): same name, same colour."""
+        return f"norm={self.norm}"
 
 
 def describe(run_dir: Path) -> tuple[str, int | None]:
@@ -50,7 +65,8 @@ def load_runs(paths: Sequence[Path | str]) -> list[RunCurves]:
     runs = []
     for directory in run_dirs(paths):
         norm, seed = describe(directory)
-        runs.append(RunCurves(directory, norm, seed, read_scalars(directory)))
+        series = read_scalars(directory)
+        runs.append(RunCurves(directory, norm, seed, series, start_time(directory)))
     return runs
 
 
@@ -79,53 +95,72 @@ def deepest_layer(runs: Sequence[RunCurves]) -> str:
     return layer
 
 
-def draw_fig1(runs: Sequence[RunCurves], out: Path | str, layer: str | None = None) -> Path:
-    """Write the figure as a PNG to `out` and return its path."""
-    import matplotlib
+def norm_colors(runs: Sequence[RunCurves]) -> dict[str, str]:
+    """Norm -> colour, by the rule every figure and TensorBoard's run list share."""
+    order = tensorboard_order((run.group, run.started) for run in runs)
+    colors = group_colors(order)
+    return {run.norm: colors[run.group] for run in runs}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def fig1_figure(runs: Sequence[RunCurves], layer: str | None = None) -> Figure:
+    """(a) validation accuracy per norm, then one panel of percentiles per norm, shared y."""
     if not runs:
         raise ValueError("no runs to draw")
     layer = layer or deepest_layer(runs)
-    groups = by_norm(runs)
-    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.3 * (1 + len(groups)), 3.6))
-    _accuracy_panel(axes[0], groups)
+    groups, colors = by_norm(runs), norm_colors(runs)
+    fig = Figure(figsize=(4.2 * (1 + len(groups)), 4.2), layout="constrained")
+    axes = fig.subplots(1, 1 + len(groups))
+    _accuracy_panel(axes[0], groups, colors)
     for ax in axes[2:]:
         ax.sharey(axes[1])  # one scale, so the spread with and without BN compares by eye
-    for ax, (norm, group) in zip(axes[1:], groups.items(), strict=True):
-        _percentile_panel(ax, norm, group, layer)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    for index, (ax, (norm, group)) in enumerate(zip(axes[1:], groups.items(), strict=True)):
+        _percentile_panel(ax, f"({'bcdefgh'[index]})", norm, group, layer, colors[norm])
+    axes[1].set_ylabel(YLABEL)
+    styles = [Line2D([], [], color="0.5", lw=1.8, label="p50 (median)"),
+              Line2D([], [], color="0.5", lw=0.9, ls="--", label="p15 / p85"),
+              Patch(facecolor="0.5", alpha=0.15, label="p15 to p85 band")]
+    norms = [Line2D([], [], color=colors[norm], lw=1.8, label=_norm_label(norm, group))
+             for norm, group in groups.items()]
+    fig.legend(handles=norms + styles, loc="outside lower center", ncols=len(norms) + 3,
+               fontsize="small", frameon=False)
+    return fig
 
 
-def _accuracy_panel(ax, groups: dict[str, list[RunCurves]]) -> None:
+def draw_fig1(runs: Sequence[RunCurves], out: Path | str, layer: str | None = None,
+              formats: Sequence[str] = ("png",)) -> Path:
+    """Write the figure to `out` in each of `formats` (its suffix replaced; PNG at 200 dpi)
+    and return the first file written."""
+    return save_figure(fig1_figure(runs, layer), Path(out), formats)[0]
+
+
+def _norm_label(norm: str, group: Sequence[RunCurves]) -> str:
+    return f"norm={norm} ({seeds_label(len(group))})" if len(group) > 1 else f"norm={norm}"
+
+
+def _accuracy_panel(ax, groups: dict[str, list[RunCurves]], colors: dict[str, str]) -> None:
     tag = "val/acc"
     for norm, group in groups.items():
         steps, values = mean_curve(group, tag)
-        ax.plot(steps, values, label=f"norm={norm} (n={len(group)})")
-    ax.set(title="(a) validation accuracy", xlabel="optimizer step", ylabel=tag)
+        ax.plot(steps, values, color=colors[norm], lw=1.8, label=_norm_label(norm, group))
+    ax.set(title="(a) validation accuracy", xlabel="optimizer step",
+           ylabel=f"validation accuracy ({tag})")
     ax.grid(alpha=0.3)
-    ax.legend()
 
 
-def _percentile_panel(ax, norm: str, group: list[RunCurves], layer: str) -> None:
-    for name, color in PERCENTILE_STYLE.items():
-        tag = f"ics/{layer}/{name}"
+def _percentile_panel(ax, panel: str, norm: str, group: list[RunCurves], layer: str,
+                      color: str) -> None:
+    means = {name: mean_curve(group, f"ics/{layer}/{name}") for name in PERCENTILE_STYLE}
+    if len(group) > 1:
         for run in group:
-            points = sorted(run.series.get(tag, {}).items())
-            ax.plot([s for s, _ in points], [v for _, v in points], color=color, alpha=0.25, lw=0.8)
-        steps, values = mean_curve(group, tag)
-        ax.plot(steps, values, color=color, lw=1.8, label=name)
-    panel = "b" if norm == "none" else "c"
-    ax.set(
-        title=f"({panel}) norm={norm}: input of {layer}'s nonlinearity",
-        xlabel="optimizer step", ylabel="percentile on the probe batch",
-    )
+            points = sorted(run.series.get(f"ics/{layer}/p50", {}).items())
+            ax.plot([s for s, _ in points], [v for _, v in points], color=color, alpha=0.3,
+                    lw=0.7)
+    (low_steps, low), (high_steps, high) = means["p15"], means["p85"]
+    if low_steps == high_steps and low_steps:
+        ax.fill_between(low_steps, low, high, color=color, alpha=0.15, linewidth=0)
+    for name, style in PERCENTILE_STYLE.items():
+        steps, values = means[name]
+        ax.plot(steps, values, color=color, ls=style, lw=1.8 if name == "p50" else 0.9,
+                label=name)
+    ax.set(title=f"{panel} norm={norm}: input of {layer}'s nonlinearity", xlabel="optimizer step")
     ax.grid(alpha=0.3)
-    ax.legend()
