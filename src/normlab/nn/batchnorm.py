@@ -81,6 +81,16 @@ def _verify_batch_size(size: torch.Size) -> None:
         )
 
 
+def _move_towards(running: Tensor, batch_sum: Tensor, inv_count: float, momentum: float) -> None:
+    """``running += momentum * (batch_sum * inv_count - running)``, in place.
+
+    Written with ``alpha`` arguments: a Python-scalar operand costs a tensor conversion per op,
+    ``alpha`` does not, and these C-element updates run at every training step.
+    """
+    batch_sum = _dtype_of(running, batch_sum)
+    running.sub_(running, alpha=momentum).add_(batch_sum, alpha=momentum * inv_count)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """Training-mode batch normalization with a hand-derived backward pass.
 
@@ -95,10 +105,20 @@ class _BatchNormFunction(torch.autograd.Function):
         d gamma = sum(dy * x_hat)          d beta = sum(dy)
         dx      = g * s / n * (n * dy - sum(dy) - x_hat * sum(dy * x_hat))
 
-    Memory: autograd on the plain forward ops would keep most intermediates of the graph; here
-    we keep one activation-sized tensor, the centered input ``xc = x - mean``, plus ``s`` and
-    ``g * s`` (C values each). ``x_hat`` is never stored: ``x_hat * sum(dy * x_hat)`` equals
-    ``xc * s**2 * sum(dy * xc)``.
+    Batch Renormalization (``renorm=(r_max, d_max)``, see ``normlab.nn.variants``) outputs
+    ``g * (r * x_hat + d) + beta`` with per-channel ``r = clip(sigma_B / sigma, 1/r_max, r_max)``
+    and ``d = clip((mean - running_mean) / sigma, -d_max, d_max)`` (``sigma`` from the running
+    variance, taken before this batch updates it), both treated as constants in backward. That
+    is the same formulas with ``g * r`` in place of ``g``, and
+    ``d gamma = r * sum(dy * x_hat) + d * sum(dy)``.
+
+    Memory and speed: autograd on the plain forward ops would keep most intermediates of the
+    graph; here we keep the input ``x`` (alive anyway: the previous layer's output) and three
+    C-vectors: ``mean``, ``s`` and ``k = g * s``. Forward and backward each allocate exactly
+    one activation-sized tensor, their result, as torch's native kernel does: on CPU a fresh
+    activation-sized allocation costs about as much as a pass over it (page faults), so the
+    centered input is rebuilt in the result's memory instead of being stored. As in torch's
+    kernel, the output is ``x * k + (beta - mean * k)``.
     """
 
     @staticmethod
@@ -111,33 +131,47 @@ class _BatchNormFunction(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
+        renorm: tuple[float, float] | None = None,
     ) -> Tensor:
         # Per-channel quantities are length-C vectors; _per_channel lines them up with x.
         dims = _reduce_dims(x)
         n = x.numel() // x.shape[1]  # values per channel
 
-        # sum * (1/n) rather than mean(): the same value, and torch's CPU sum kernel is faster.
-        mean = x.sum(dims).mul_(1.0 / n)
-        xc = x - _per_channel(mean, x)  # centered input, kept for backward
+        sums = x.sum(dims)
         # Two-pass variance (center first, then square) is accurate even when |mean| >> std.
-        # `out` is first scratch space for the squares, then receives the result: one fresh
-        # activation-sized allocation fewer (fresh memory is costly on CPU).
-        out = torch.mul(xc, xc)
-        var = out.sum(dims).mul_(1.0 / n)  # biased: divide by n
-        invstd = torch.rsqrt(var + eps)
+        # The centered squares go to the output's memory, which receives the result below.
+        # x - sum / n in one kernel (alpha): the same value as x - mean().
+        out = torch.sub(x, _per_channel(sums, x), alpha=1.0 / n)
+        sum_sq = out.mul_(out).sum(dims)
 
-        scale = invstd if weight is None else invstd * weight  # g * s
-        _mul_add(xc, _per_channel(scale, x), _per_channel(bias, x), out=out)
+        r_d = None
+        if renorm is not None:  # needs the running estimates from before this batch
+            r_d = _renorm_correction(sums, sum_sq, n, running_mean, running_var, eps, renorm)
 
         # Move the running estimates a fraction `momentum` of the way towards the batch values:
         # new = (1 - momentum) * old + momentum * batch. The population variance is estimated
         # without bias (divide by n - 1 instead of n).
         if running_mean is not None:
-            running_mean.lerp_(_dtype_of(running_mean, mean), momentum)
+            _move_towards(running_mean, sums, 1.0 / n, momentum)
         if running_var is not None:
-            running_var.lerp_(_dtype_of(running_var, var * (n / (n - 1))), momentum)
+            _move_towards(running_var, sum_sq, 1.0 / (n - 1), momentum)
 
-        ctx.save_for_backward(xc, invstd, scale)
+        mean = sums.mul_(1.0 / n)
+        invstd = torch.rsqrt(sum_sq.mul_(1.0 / n).add_(eps))  # biased variance: divide by n
+        scale = invstd if weight is None else invstd * weight  # k = g * s
+        shift = bias
+        if r_d is not None:
+            r, d = r_d
+            scale = scale * r
+            d = d if weight is None else d * weight
+            shift = d if bias is None else d + bias
+        # y = (x - mean) * k + beta = x * k + (beta - mean * k)
+        shift = (
+            (mean * scale).neg_() if shift is None else torch.addcmul(shift, mean, scale, value=-1)
+        )
+        _mul_add(x, _per_channel(scale, x), _per_channel(shift, x), out=out)
+
+        ctx.save_for_backward(x, mean, invstd, scale, *(r_d or ()))
         ctx.dims, ctx.n = dims, n
         return out
 
@@ -145,8 +179,8 @@ class _BatchNormFunction(torch.autograd.Function):
     @once_differentiable  # double backward would need a graph of this backward: not provided
     def backward(
         ctx: Any, grad_out: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
-        xc, invstd, scale = ctx.saved_tensors
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+        x, mean, invstd, scale, *r_d = ctx.saved_tensors
         dims, n = ctx.dims, ctx.n
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_bias = None
@@ -155,20 +189,47 @@ class _BatchNormFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = sum_dy
         if need_x or need_weight:
-            # sum(dy * x_hat) = s * sum(dy * xc). The product buffer is reused for dx below.
-            buffer = torch.mul(grad_out, xc)
-            sum_dy_xhat = buffer.sum(dims).mul_(invstd)
+            # sum(dy * x_hat) = s * sum(dy * (x - mean)); that buffer is reused for dx below.
+            buffer = torch.sub(x, _per_channel(mean, x))
+            sum_dy_xhat = buffer.mul_(grad_out).sum(dims).mul_(invstd)
             if need_weight:
                 grad_weight = sum_dy_xhat
+                if r_d:
+                    r, d = r_d
+                    grad_weight = torch.addcmul(d * sum_dy, r, sum_dy_xhat)
             if need_x:
-                # dx = k dy + xc * (-k s / n) sum(dy x_hat) + (-k / n) sum(dy),  with k = g * s
+                # dx = k dy + (x - mean) * c1 + c0,  c1 = (-k s / n) sum(dy x_hat),
+                # c0 = (-k / n) sum(dy). x - mean is recomputed into the buffer (a pass is
+                # cheaper than a fresh allocation) rather than multiplied out as x * c1 + ...:
+                # that would lose digits to cancellation when |mean| >> std.
                 minus_k_n = scale / -n
-                xc_coef = (minus_k_n * invstd).mul_(sum_dy_xhat)
-                const = minus_k_n.mul_(sum_dy)
-                grad_x = _mul_add(
-                    xc, _per_channel(xc_coef, xc), _per_channel(const, xc), out=buffer
-                ).addcmul_(grad_out, _per_channel(scale, xc))
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+                c1 = (minus_k_n * invstd).mul_(sum_dy_xhat)
+                c0 = minus_k_n.mul_(sum_dy)
+                xc = torch.sub(x, _per_channel(mean, x), out=buffer)
+                grad_x = _mul_add(xc, _per_channel(c1, x), _per_channel(c0, x), out=buffer)
+                grad_x.addcmul_(grad_out, _per_channel(scale, x))
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _renorm_correction(
+    sums: Tensor,
+    sum_sq: Tensor,
+    n: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    renorm: tuple[float, float],
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's per-channel ``(r, d)`` (Ioffe 2017, Algorithm 1)."""
+    if running_mean is None or running_var is None:
+        raise ValueError("batch renormalization needs running estimates (track_running_stats)")
+    r_max, d_max = renorm
+    sigma = torch.sqrt(running_var + eps)
+    batch_sigma = torch.sqrt(sum_sq / n + eps).to(sigma.dtype)
+    mean = (sums / n).to(sigma.dtype)
+    r = (batch_sigma / sigma).clamp_(1.0 / r_max, r_max)
+    d = ((mean - running_mean) / sigma).clamp_(-d_max, d_max)
+    return r.to(sums.dtype), d.to(sums.dtype)
 
 
 def _normalize_with_running_stats(
@@ -199,12 +260,14 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    renorm: tuple[float, float] | None = None,
 ) -> Tensor:
     """Batch normalization with the arguments and semantics of ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalizes with the batch statistics and, when running buffers are
     given, updates them in place with factor ``momentum``; ``training=False`` uses the
-    running buffers, which must then be given.
+    running buffers, which must then be given. ``renorm=(r_max, d_max)`` makes training-mode
+    normalization Batch Renormalization (see ``_BatchNormFunction``).
     """
     if training:
         _verify_batch_size(input.size())
@@ -230,7 +293,9 @@ def batch_norm(
             out = out + _per_channel(bias, input)
         return out
 
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    return _BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps, renorm
+    )
 
 
 class _BatchNormBase(nn.Module):
@@ -372,7 +437,12 @@ class _BatchNormBase(nn.Module):
             use_batch_stats,
             factor,
             self.eps,
+            self._renorm_limits() if use_batch_stats else None,
         )
+
+    def _renorm_limits(self) -> tuple[float, float] | None:
+        """``(r_max, d_max)`` for Batch Renormalization (``BatchRenorm*d``); None: plain BN."""
+        return None
 
 
 class BatchNorm1d(_BatchNormBase):
