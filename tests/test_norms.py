@@ -370,3 +370,52 @@ def test_cli_sweep_over_every_norm_ends_ok(tmp_path, extra):
     assert result.returncode == 0, result.stderr[-2000:]
     statuses = [p.read_text() for p in sorted(tmp_path.glob("*/metrics.json"))]
     assert len(statuses) == 9 and all('"status": "ok"' in s for s in statuses)
+
+
+# ---- validation: one line per bad norm option ------------------------------------------------
+
+BAD_NORM_OPTIONS = [
+    (
+        ["norm=gn", "norm.groups=7"],
+        "norm.groups=7 does not divide the 32 channels of "
+        "model.hidden_sizes=[32, 32]; valid: 1, 2, 4, 8, 16, 32",
+    ),
+    (
+        ["norm=ghost_bn", "norm.ghost_batch_size=12"],
+        "norm.ghost_batch_size=12 does not divide "
+        "the training batch of 32 samples (per process); valid: 2, 4, 8, 16, 32",
+    ),
+    (
+        ["norm=noisy_bn", "data.batch_size=1"],
+        "data.batch_size=1 with norm=noisy_bn: batch norm needs at least 2 samples",
+    ),
+    (["norm.position=middle"], "norm.position='middle' is not valid; choose one of: pre, post"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_NORM_OPTIONS)
+def test_bad_norm_options_are_one_clear_line(overrides, message):
+    from normlab.validate import ConfigError, validate
+
+    cfg = compose_train(overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("norm", ["ln", "gn", "rms", "none"])
+def test_batch_independent_norms_accept_batch_1(norm):
+    from normlab.validate import validate
+
+    validate(compose_train([f"norm={norm}", "data.batch_size=1"]))
+
+
+def compose_train(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from normlab.config import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(
+            "train", overrides=[*overrides, "paths.output_dir=/tmp", "paths.data_dir=/tmp"]
+        )
