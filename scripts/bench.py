@@ -267,7 +267,9 @@ def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, floa
     runs = {}
     try:
         for norm in group_choices(CONFIG_DIR, "norm"):
-            runs[norm] = NormlabEpochs(kind, x, y, out / f"{kind}-{norm}", norm=norm)
+            # Nine paused trainers at once: their progress bars would fight over the terminal.
+            quiet = ("~callbacks.progress_bar", "trainer.enable_progress_bar=false")
+            runs[norm] = NormlabEpochs(kind, x, y, out / f"{kind}-{norm}", *quiet, norm=norm)
         seconds = race({norm: run.epoch for norm, run in runs.items()}, rounds)
     finally:
         for run in runs.values():

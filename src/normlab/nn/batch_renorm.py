@@ -59,9 +59,10 @@ class _BatchRenorm:
             self.d_max * _ramp(step, self.relax_start, self.d_max_full_at),
         )
 
-    def _renorm_limits(self) -> tuple[float, float]:
+    def _renorm_limits(self) -> tuple[float, float] | None:
         # forward() has already counted this batch in num_batches_tracked.
-        return self.limits_at(int(self.num_batches_tracked))  # type: ignore[attr-defined]
+        limits = self.limits_at(int(self.num_batches_tracked))  # type: ignore[attr-defined]
+        return None if limits == (1.0, 0.0) else limits  # r = 1, d = 0: exactly plain BN
 
     def extra_repr(self) -> str:
         return (
