@@ -358,7 +358,6 @@ def test_cli_sweep_over_every_norm_ends_ok(tmp_path, extra):
             "-m",
             f"norm={ALL}",
             "trainer.max_epochs=2",
-            "callbacks.activation_histograms.every_n_steps=1000",
             f"hydra.sweep.dir={tmp_path}",
             *extra,
         ],
