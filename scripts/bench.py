@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures.update(training_figures("mlp", n, rounds, Path(tmp)))
         figures.update(training_figures("cnn", n // 4 if args.quick else n // 2, 2, Path(tmp)))
         figures["norm_step_time"] = {
-            "mlp": norm_step_times("mlp", n // 4 if args.quick else n // 2, 2, Path(tmp)),
-            "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 2, Path(tmp)),
+            "mlp": norm_step_times("mlp", n // 4 if args.quick else n // 2, 3, Path(tmp)),
+            "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 3, Path(tmp)),
         }
     figures.update(custom_bn_figures(args.quick))
     from normlab.ics.bench import logging_overhead
