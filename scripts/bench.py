@@ -5,7 +5,8 @@
 Keys (see design.md): epoch_vs_seed_loop (lecture-style DataLoader loop / normlab, >1 = normlab
 faster), step_vs_raw_torch (normlab / plain loop over pre-made tensors with default Adam, <1 =
 normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm / torch's),
-ics_logging_overhead (epoch with the ICS callbacks / without).
+ics_logging_overhead (epoch with the ICS callbacks / without), norm_step_time
+(`{"mlp": {norm: epoch time with that norm / with norm=none}, "cnn": {...}}`).
 
 Data is MNIST-shaped (N x 1 x 28 x 28 uint8, made in memory; the real files when present under
 data/MNIST/raw). Each contender runs whole epochs, alternating rounds with the others; its figure
@@ -135,7 +136,15 @@ class NormlabEpochs:
     with the other contenders' and each is timed on its own.
     """
 
-    def __init__(self, kind: str, x: torch.Tensor, y: torch.Tensor, out: Path, *overrides: str):
+    def __init__(
+        self,
+        kind: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        out: Path,
+        *overrides: str,
+        norm: str = "bn",
+    ):
         from hydra import compose, initialize_config_dir
         from hydra.utils import instantiate
 
@@ -149,7 +158,7 @@ class NormlabEpochs:
                 "train",
                 overrides=[
                     f"model={kind}",
-                    "norm=bn",
+                    f"norm={norm}",
                     f"lr={LR}",
                     f"data.batch_size={BATCH}",
                     f"paths.output_dir={out}",
@@ -247,6 +256,27 @@ def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, flo
     }
 
 
+def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, float]:
+    """Per norm choice: normlab's epoch time with that norm / with norm=none (same data)."""
+    from normlab.config import CONFIG_DIR
+    from normlab.validate import group_choices
+
+    images, labels = mnist_shaped(n)
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - 0.1307) / 0.3081
+    y = torch.from_numpy(labels).long()
+    runs = {}
+    try:
+        for norm in group_choices(CONFIG_DIR, "norm"):
+            # Nine paused trainers at once: their progress bars would fight over the terminal.
+            quiet = ("~callbacks.progress_bar", "trainer.enable_progress_bar=false")
+            runs[norm] = NormlabEpochs(kind, x, y, out / f"{kind}-{norm}", *quiet, norm=norm)
+        seconds = race({norm: run.epoch for norm, run in runs.items()}, rounds)
+    finally:
+        for run in runs.values():
+            run.stop()
+    return {norm: round(seconds[norm] / seconds["none"], 3) for norm in runs}
+
+
 def custom_bn_figures(quick: bool) -> dict[str, float]:
     import bench_custom_bn  # beside this file: scripts/ is on sys.path when run as a script
 
@@ -279,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="normlab-bench-") as tmp:
         figures.update(training_figures("mlp", n, rounds, Path(tmp)))
         figures.update(training_figures("cnn", n // 4 if args.quick else n // 2, 2, Path(tmp)))
+        figures["norm_step_time"] = {
+            "mlp": norm_step_times("mlp", n // 4 if args.quick else n // 2, 3, Path(tmp)),
+            "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 3, Path(tmp)),
+        }
     figures.update(custom_bn_figures(args.quick))
     from bench_ics import logging_overhead  # beside this file, like bench_custom_bn
 

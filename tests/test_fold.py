@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 import normlab.nn as ours
+from normlab.models.backbones import CNN, MLP
 from normlab.nn import fold_batchnorm
+from normlab.nn.fold import FoldWarning
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, ours.BatchNorm1d, ours.BatchNorm2d)
 
@@ -38,7 +42,7 @@ def mlp() -> nn.Module:
         nn.Linear(8, 8, bias=False),
         ours.BatchNorm1d(8),
         nn.Tanh(),
-        nn.BatchNorm1d(8),  # follows an activation: stays
+        nn.BatchNorm1d(8),  # follows an activation: folds into the next Linear
         nn.Linear(8, 5),
         ours.BatchNorm1d(5, affine=False),
         nn.Linear(5, 5),
@@ -87,7 +91,7 @@ class Blocks(nn.Module):
 
 
 MODELS = {
-    "mlp": (mlp, (16, 6), 3),
+    "mlp": (mlp, (16, 6), 4),
     "cnn": (cnn, (8, 3, 6, 6), 3),
     "blocks": (Blocks, (16, 2, 7), 4),
 }
@@ -112,6 +116,7 @@ def batch_norms(model: nn.Module) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.filterwarnings("ignore::normlab.nn.fold.FoldWarning")
 def test_folded_equals_eval_model(name):
     factory, input_shape, expected_folds = MODELS[name]
     model = trained(factory, input_shape)
@@ -126,12 +131,13 @@ def test_folded_equals_eval_model(name):
             torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::normlab.nn.fold.FoldWarning")
 def test_folding_targets_and_skips():
     model = trained(mlp, (16, 6))
     folded = fold_batchnorm(model)
     kinds = [type(m) for m in folded]
     assert kinds[1] is nn.Identity and kinds[4] is nn.Identity and kinds[8] is nn.Identity
-    assert kinds[6] is nn.BatchNorm1d  # after Tanh
+    assert kinds[6] is nn.Identity  # after Tanh: folded into the Linear after it
     assert kinds[10] is nn.BatchNorm1d  # track_running_stats=False
     assert folded[3].bias is not None  # created for the bias-free Linear
     assert folded[3].bias.shape == (8,)
@@ -145,6 +151,7 @@ def test_folding_targets_and_skips():
         assert isinstance(block.act, nn.ReLU) and isinstance(block.drop, nn.Dropout)
 
 
+@pytest.mark.filterwarnings("ignore::normlab.nn.fold.FoldWarning")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_original_model_is_untouched(name):
     factory, input_shape, _ = MODELS[name]
@@ -159,6 +166,7 @@ def test_original_model_is_untouched(name):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.filterwarnings("ignore::normlab.nn.fold.FoldWarning")
 def test_float64_fold_is_exact_to_rounding():
     model = trained(cnn, (8, 3, 6, 6)).double()
     folded = fold_batchnorm(model)
@@ -166,3 +174,119 @@ def test_float64_fold_is_exact_to_rounding():
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- normlab's backbones, both positions; torch's fusers as the reference --------------------
+
+
+def trained_backbone(cls, norm, position, steps=5):
+    torch.manual_seed(0)
+    model = cls((1, 8, 8), 10, norm={"name": norm, "position": position})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):  # non-trivial weights, gammas, betas and running statistics
+        loss = model(torch.randn(32, 1, 8, 8) * 2 + 1).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", ["bn", "custom_bn"])
+@pytest.mark.parametrize("cls", [MLP, CNN])
+def test_pre_fold_equals_torch_fusers(cls, norm):
+    model = trained_backbone(cls, norm, "pre")
+    report: list[str] = []
+    folded = fold_batchnorm(model, report)
+    for name, block in model.blocks.named_children():
+        layer = block[0]
+        bn = (
+            nn.BatchNorm1d(block.norm.num_features)
+            if cls is MLP
+            else nn.BatchNorm2d(block.norm.num_features)
+        )
+        bn.load_state_dict(block.norm.state_dict())
+        bn.eval()
+        fuse = fuse_linear_bn_eval if cls is MLP else fuse_conv_bn_eval
+        reference = fuse(copy.deepcopy(layer), bn)
+        mine = getattr(folded.blocks, name)[0]
+        torch.testing.assert_close(mine.weight, reference.weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.bias, reference.bias, rtol=1e-5, atol=1e-5)
+        assert isinstance(getattr(folded.blocks, name).norm, nn.Identity)
+    assert report == [
+        f"blocks.{n}.norm: folded into blocks.{n}.{'linear' if cls is MLP else 'conv'} (before it)"
+        for n in ("layer1", "layer2")
+    ]
+    x = torch.randn(16, 1, 8, 8) * 2 + 1
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "custom_bn"])
+def test_post_bn_folds_into_the_next_linear(norm):
+    model = trained_backbone(MLP, norm, "post")
+    report: list[str] = []
+    folded = fold_batchnorm(model, report)
+    assert report == [
+        "blocks.layer1.norm: folded into blocks.layer2.linear (after it)",
+        "blocks.layer2.norm: folded into head (after it)",
+    ]
+    assert not any(isinstance(m, (nn.BatchNorm1d, ours.BatchNorm1d)) for m in folded.modules())
+    x = torch.randn(16, 1, 8, 8) * 2 + 1
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_post_bn_folds_into_an_unpadded_conv_only():
+    torch.manual_seed(0)
+
+    def net(padding):
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.ReLU(),
+            nn.BatchNorm2d(4),
+            nn.Dropout(0.2),
+            nn.Conv2d(4, 3, 3, padding=padding),
+        )
+
+    for padding, folds in ((0, True), (1, False)):
+        model = net(padding)
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 2, 9, 9) * 2 + 1)
+            model[2].weight.uniform_(-2, 2)  # negative gammas too
+            model[2].bias.normal_()
+        model.eval()
+        report: list[str] = []
+        if folds:
+            folded = fold_batchnorm(model, report)
+        else:
+            with pytest.warns(FoldWarning, match="exact only with padding=0"):
+                folded = fold_batchnorm(model, report)
+        assert isinstance(folded[2], nn.Identity) == folds, report
+        x = torch.randn(4, 2, 9, 9) * 2 + 1
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_post_bn_stays_with_its_reason():
+    model = trained_backbone(CNN, "bn", "post")
+    report: list[str] = []
+    with pytest.warns(FoldWarning):
+        folded = fold_batchnorm(model, report)
+    # the blocks pool after the norm: max-pooling does not commute with a negative BN scale
+    assert report == [
+        f"blocks.{n}.norm: left in place: no Linear/Conv follows it directly (MaxPool2d comes next)"
+        for n in ("layer1", "layer2")
+    ]
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["ln", "gn", "rms"])
+@pytest.mark.parametrize("cls", [MLP, CNN])
+def test_per_sample_norms_are_left_alone_with_a_reason(cls, norm):
+    model = trained_backbone(cls, norm, "pre")
+    report: list[str] = []
+    with pytest.warns(FoldWarning, match="normalizes each sample by its own statistics"):
+        folded = fold_batchnorm(model, report)
+    assert len(report) == 2 and all("left in place" in line for line in report)
+    assert [type(b.norm) for b in folded.blocks] == [type(b.norm) for b in model.blocks]
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-6, atol=1e-6)

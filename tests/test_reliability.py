@@ -12,7 +12,7 @@ from conftest import ROOT, run_cli
 from normlab.train import train
 
 BAD_INPUTS = [
-    ("norm=foo", "norm='foo' is not valid; choose one of: bn, custom_bn, none"),
+    ("norm=foo", "norm='foo' is not valid; choose one of: batch_renorm, bn, custom_bn, ghost_bn"),
     ("data=foo", "data='foo' is not valid; choose one of: cifar10, digits, fashion_mnist, mnist"),
     ("activation=foo", "activation='foo' is not valid; choose one of: leaky_relu, relu, sigmoid"),
     ("init=foo", "init='foo' is not valid; choose one of: default, he_normal"),

@@ -13,8 +13,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-BATCH_NORMS = ("bn", "custom_bn")
-
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line meant for the user."""
@@ -75,8 +73,8 @@ def validate(cfg: DictConfig) -> None:
     grad_clip = _select(cfg, "grad_clip")
     if grad_clip is not None and _number(cfg, "grad_clip") <= 0:
         raise ConfigError(f"grad_clip={grad_clip} is out of range: it must be > 0 (or null: off)")
-    _validate_batch(cfg)
     _validate_model(cfg)
+    _validate_batch(cfg)
     _validate_optimizer(cfg)
     _validate_scheduler(cfg)
     _validate_trainer(cfg)
@@ -91,12 +89,47 @@ def _validate_batch(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size={batch} is out of range: it must be an integer >= 1")
     devices = _select(cfg, "trainer.devices")
     per_process = batch // devices if isinstance(devices, int) and devices > 1 else batch
+    _validate_norm(cfg, batch, per_process)
+
+
+def _validate_norm(cfg: DictConfig, global_batch: int, batch: int) -> None:
+    """Options of the norm layer that cannot work with this model or batch (per process)."""
+    from normlab.models.backbones import BATCH_DEPENDENT_NORMS
+
     norm = _select(cfg, "norm.name")
-    if norm in BATCH_NORMS and per_process < 2:
+    position = _select(cfg, "norm.position")
+    if position not in (None, "pre", "post"):
+        raise ConfigError(f"norm.position={position!r} is not valid; choose one of: pre, post")
+    if norm in BATCH_DEPENDENT_NORMS and batch < 2:
         raise ConfigError(
-            f"data.batch_size={batch} with norm={norm}: batch norm needs at least 2 samples per "
-            f"batch (per process) in training; use a larger data.batch_size or norm=none"
+            f"data.batch_size={global_batch} with norm={norm}: batch norm needs at least 2 "
+            f"samples per batch (per process) in training; use a larger data.batch_size or a "
+            f"batch-independent norm (ln, gn, rms, none)"
         )
+    if norm == "ghost_bn":
+        ghost = _select(cfg, "norm.ghost_batch_size")
+        if not isinstance(ghost, int) or ghost < 2 or batch % ghost != 0:
+            valid = [d for d in range(2, batch + 1) if batch % d == 0]
+            raise ConfigError(
+                f"norm.ghost_batch_size={ghost} does not divide the training batch of {batch} "
+                f"samples (per process); valid: {', '.join(map(str, valid))}"
+            )
+    if norm == "gn":
+        _validate_groups(cfg, _select(cfg, "norm.groups"))
+
+
+def _validate_groups(cfg: DictConfig, groups: Any) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ConfigError(f"norm.groups={groups!r} must be an integer >= 1")
+    for key in ("model.hidden_sizes", "model.channels"):
+        sizes = _select(cfg, key) or []
+        bad = [s for s in sizes if isinstance(s, int) and s % min(groups, s) != 0]
+        if bad:
+            valid = [d for d in range(1, bad[0] + 1) if all(s % min(d, s) == 0 for s in sizes)]
+            raise ConfigError(
+                f"norm.groups={groups} does not divide the {bad[0]} channels of "
+                f"{key}={list(sizes)}; valid: {', '.join(map(str, valid))}"
+            )
 
 
 def _validate_model(cfg: DictConfig) -> None:

@@ -1,19 +1,21 @@
 """MLP and CNN backbones built from four interchangeable choices: norm, activation, init, dropout.
 
 Every hidden layer is a `Block`: weight layer (Linear/Conv) -> norm -> activation -> dropout
-(-> pooling in the CNN). Blocks are named ``layer1``, ``layer2``, ... in forward order, and
-`nonlinearities()` maps those names to the activation modules, whose *input* is the
-distribution that internal-covariate-shift studies look at.
+(-> pooling in the CNN), or with ``norm.position=post`` weight layer -> activation -> norm ->
+dropout. Blocks are named ``layer1``, ``layer2``, ... in forward order; `nonlinearities()` maps
+those names to the activation modules, whose *input* is the distribution that
+internal-covariate-shift studies look at, and `norm_layers()` to the norm modules.
 
-Weights are created before any norm layer and norm layers draw no random numbers, so the same
-seed gives the same Linear/Conv weights whatever the norm: `norm=none,bn` is a paired comparison.
+Weights are created before any norm layer and norm layers draw no random numbers when built
+(noisy BN draws only in training forward passes), so the same seed gives the same Linear/Conv
+weights whatever the norm: `norm=none,bn,ln` is a paired comparison.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,11 +25,42 @@ import normlab.nn as ours
 
 Spec = Mapping[str, Any] | str
 
-NORMS: dict[str, dict[int, type[nn.Module]] | None] = {
+NormFactory = Callable[..., nn.Module]
+
+
+def _groupnorm(
+    num_features: int, groups: int = 8, affine: bool = True, **options: Any
+) -> nn.Module:
+    return nn.GroupNorm(group_count(groups, num_features), num_features, affine=affine, **options)
+
+
+def _layernorm_of_images(num_features: int, affine: bool = True, **options: Any) -> nn.Module:
+    # LayerNorm's statistics (over C, H, W of one sample) with a per-channel gamma/beta.
+    return nn.GroupNorm(1, num_features, affine=affine, **options)
+
+
+# name -> {spatial_dims: factory(num_features, **options)}; 1: (N, C) features, 2: (N, C, H, W).
+# Config keys are the same for every norm (`affine`, `eps`), whatever torch calls them.
+NORMS: dict[str, dict[int, NormFactory] | None] = {
     "none": None,
     "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d},
     "custom_bn": {1: ours.BatchNorm1d, 2: ours.BatchNorm2d},
+    "ln": {
+        1: lambda c, affine=True, **o: nn.LayerNorm(c, elementwise_affine=affine, **o),
+        2: _layernorm_of_images,
+    },
+    "gn": {1: _groupnorm, 2: _groupnorm},
+    "rms": {
+        1: lambda c, affine=True, **o: nn.RMSNorm(c, elementwise_affine=affine, **o),
+        2: lambda c, affine=True, **o: ours.RMSNorm2d(c, elementwise_affine=affine, **o),
+    },
+    "batch_renorm": {1: ours.BatchRenorm1d, 2: ours.BatchRenorm2d},
+    "ghost_bn": {1: ours.GhostBatchNorm1d, 2: ours.GhostBatchNorm2d},
+    "noisy_bn": {1: ours.NoisyBatchNorm1d, 2: ours.NoisyBatchNorm2d},
 }
+# Norms whose training output depends on the other samples of the batch.
+BATCH_DEPENDENT_NORMS = ("bn", "custom_bn", "batch_renorm", "ghost_bn", "noisy_bn")
+POSITIONS = ("pre", "post")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
@@ -46,13 +79,38 @@ def _split(spec: Spec, kind: str, valid: Sequence[str]) -> tuple[str, dict[str, 
     return name, options
 
 
+def group_count(groups: int, channels: int) -> int:
+    """`groups` clamped to `channels`; ValueError naming the valid counts if it does not divide."""
+    count = min(groups, channels)
+    if count < 1 or channels % count != 0:
+        valid = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise ValueError(
+            f"norm.groups={groups} does not divide {channels} channels; "
+            f"valid: {', '.join(map(str, valid))}"
+        )
+    return count
+
+
+def norm_position(spec: Spec) -> str:
+    """Where the norm goes: `pre` (before the activation, default) or `post` (after it)."""
+    position = "pre" if isinstance(spec, str) else spec.get("position", "pre")
+    if position not in POSITIONS:
+        raise ValueError(f"norm.position={position!r} is not valid; choose one of: pre, post")
+    return position
+
+
 def make_norm(spec: Spec, num_features: int, spatial_dims: int) -> nn.Module:
-    """The norm layer for `num_features` features (spatial_dims=1: per feature, 2: per channel)."""
+    """The norm layer for `num_features` features (spatial_dims=1: per feature, 2: per channel).
+
+    `spec` is a norm config (`{"name": "gn", "groups": 8, ...}`) or a name; its `position` key
+    is for the block (see `Block`), every other key goes to the layer.
+    """
     name, options = _split(spec, "norm", list(NORMS))
-    classes = NORMS[name]
-    if classes is None:
+    options.pop("position", None)
+    factories = NORMS[name]
+    if factories is None:
         return nn.Identity()
-    return classes[spatial_dims](num_features, **options)
+    return factories[spatial_dims](num_features, **options)
 
 
 def make_activation(spec: Spec) -> nn.Module:
@@ -90,7 +148,11 @@ def init_weights(module: nn.Module, spec: Spec, activation: Spec = "relu") -> No
 
 
 class Block(nn.Sequential):
-    """linear|conv -> norm -> activation -> dropout [-> pool]; the unit ICS is measured on."""
+    """linear|conv -> norm -> activation -> dropout [-> pool]; the unit ICS is measured on.
+
+    `position="post"` puts the norm after the activation: linear|conv -> act -> norm -> ...
+    Children are registered in forward order (folding relies on it).
+    """
 
     def __init__(
         self,
@@ -99,11 +161,15 @@ class Block(nn.Sequential):
         act: nn.Module,
         dropout: float,
         pool: nn.Module | None = None,
+        *,
+        position: str = "pre",
     ) -> None:
+        if position not in POSITIONS:
+            raise ValueError(f"norm.position={position!r} is not valid; choose one of: pre, post")
+        normalize_then_act = [("norm", norm), ("act", act)]
         parts: list[tuple[str, nn.Module]] = [
             ("linear" if isinstance(weight, nn.Linear) else "conv", weight),
-            ("norm", norm),
-            ("act", act),
+            *(normalize_then_act if position == "pre" else normalize_then_act[::-1]),
             ("drop", nn.Dropout(dropout) if dropout > 0 else nn.Identity()),
         ]
         if pool is not None:
@@ -122,8 +188,12 @@ class Backbone(nn.Module):
         return {name: block.act for name, block in self.blocks.named_children()}
 
     def norm_layers(self) -> dict[str, nn.Module]:
-        """`{"layer1": <norm module>, ...}` in forward order (`Identity` without a norm)."""
-        return {name: block.norm for name, block in self.blocks.named_children()}
+        """`{"layer1": <norm module>, ...}` in forward order; empty with norm=none."""
+        return {
+            name: block.norm
+            for name, block in self.blocks.named_children()
+            if not isinstance(block.norm, nn.Identity)
+        }
 
     def weight_layers(self) -> dict[str, nn.Module]:
         """`{"layer1": <Linear/Conv>, ..., "head": <Linear>}` in forward order."""
@@ -136,7 +206,10 @@ class Backbone(nn.Module):
 
 
 class MLP(Backbone):
-    """Flatten -> [Linear -> norm -> activation -> dropout] x len(hidden_sizes) -> Linear."""
+    """Flatten -> [Linear -> norm -> activation -> dropout] x len(hidden_sizes) -> Linear.
+
+    (norm and activation swap places with `norm.position=post`.)
+    """
 
     def __init__(
         self,
@@ -164,6 +237,7 @@ class MLP(Backbone):
                         make_norm(norm, n_out, 1),
                         make_activation(activation),
                         dropout,
+                        position=norm_position(norm),
                     ),
                 )
                 for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
@@ -178,6 +252,8 @@ class MLP(Backbone):
 
 class CNN(Backbone):
     """[Conv3x3 -> norm -> activation -> dropout -> maxpool] x len(channels) -> avg pool -> Linear.
+
+    (norm and activation swap places with `norm.position=post`.)
 
     Blocks pool 2x2 while the feature map is at least 4 pixels wide, so 8x8 digits and
     32x32 CIFAR images both work.
@@ -216,6 +292,7 @@ class CNN(Backbone):
                 make_activation(activation),
                 dropout,
                 pool,
+                position=norm_position(norm),
             )
         self.blocks = nn.Sequential(blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())

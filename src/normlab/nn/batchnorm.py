@@ -81,6 +81,16 @@ def _verify_batch_size(size: torch.Size) -> None:
         )
 
 
+def _move_towards(running: Tensor, batch_sum: Tensor, inv_count: float, momentum: float) -> None:
+    """``running += momentum * (batch_sum * inv_count - running)``, in place.
+
+    Written with ``alpha`` arguments: a Python-scalar operand costs a tensor conversion per op
+    (``batch_sum * inv_count`` would be one more op, and a slower one), ``alpha`` does not.
+    """
+    batch_sum = _dtype_of(running, batch_sum)
+    running.sub_(running, alpha=momentum).add_(batch_sum, alpha=momentum * inv_count)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """Training-mode batch normalization with a hand-derived backward pass.
 
@@ -95,10 +105,21 @@ class _BatchNormFunction(torch.autograd.Function):
         d gamma = sum(dy * x_hat)          d beta = sum(dy)
         dx      = g * s / n * (n * dy - sum(dy) - x_hat * sum(dy * x_hat))
 
+    Batch Renormalization (``renorm=(r_max, d_max)``, see ``normlab.nn.batch_renorm``) outputs
+    ``g * (r * x_hat + d) + beta`` with per-channel ``r = clip(sigma_B / sigma, 1/r_max, r_max)``
+    and ``d = clip((mean - running_mean) / sigma, -d_max, d_max)`` (``sigma`` from the running
+    variance, taken before this batch updates it), both treated as constants in backward. That
+    is the same formulas with ``g * r`` in place of ``g``, and
+    ``d gamma = r * sum(dy * x_hat) + d * sum(dy)``.
+
     Memory: autograd on the plain forward ops would keep most intermediates of the graph; here
     we keep one activation-sized tensor, the centered input ``xc = x - mean``, plus ``s`` and
     ``g * s`` (C values each). ``x_hat`` is never stored: ``x_hat * sum(dy * x_hat)`` equals
     ``xc * s**2 * sum(dy * xc)``.
+
+    Speed: on small activations (an MLP's (32, 32)) each tensor op costs more in dispatch than
+    in arithmetic, and an op with a Python-scalar operand more still (the scalar becomes a
+    tensor), so the per-channel arithmetic uses ``alpha=`` arguments where it can.
     """
 
     @staticmethod
@@ -111,23 +132,25 @@ class _BatchNormFunction(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
+        renorm: tuple[float, float] | None = None,
     ) -> Tensor:
         # Per-channel quantities are length-C vectors; _per_channel lines them up with x.
         dims = _reduce_dims(x)
         n = x.numel() // x.shape[1]  # values per channel
 
         # sum * (1/n) rather than mean(): the same value, and torch's CPU sum kernel is faster.
+        # (Not x - sum with alpha=1/n either: that broadcast kernel is slower than a plain sub.)
         mean = x.sum(dims).mul_(1.0 / n)
         xc = x - _per_channel(mean, x)  # centered input, kept for backward
         # Two-pass variance (center first, then square) is accurate even when |mean| >> std.
         # `out` is first scratch space for the squares, then receives the result: one fresh
         # activation-sized allocation fewer (fresh memory is costly on CPU).
         out = torch.mul(xc, xc)
-        var = out.sum(dims).mul_(1.0 / n)  # biased: divide by n
-        invstd = torch.rsqrt(var + eps)
+        sum_sq = out.sum(dims)
 
-        scale = invstd if weight is None else invstd * weight  # g * s
-        _mul_add(xc, _per_channel(scale, x), _per_channel(bias, x), out=out)
+        r_d = None
+        if renorm is not None:  # needs the running estimates from before this batch
+            r_d = _renorm_correction(mean, sum_sq, n, running_mean, running_var, eps, renorm)
 
         # Move the running estimates a fraction `momentum` of the way towards the batch values:
         # new = (1 - momentum) * old + momentum * batch. The population variance is estimated
@@ -135,9 +158,19 @@ class _BatchNormFunction(torch.autograd.Function):
         if running_mean is not None:
             running_mean.lerp_(_dtype_of(running_mean, mean), momentum)
         if running_var is not None:
-            running_var.lerp_(_dtype_of(running_var, var * (n / (n - 1))), momentum)
+            _move_towards(running_var, sum_sq, 1.0 / (n - 1), momentum)
 
-        ctx.save_for_backward(xc, invstd, scale)
+        invstd = torch.rsqrt(sum_sq.mul_(1.0 / n).add_(eps))  # biased variance: divide by n
+        scale = invstd if weight is None else invstd * weight  # g * s
+        shift = bias
+        if r_d is not None:
+            r, d = r_d
+            scale = scale * r
+            d = d if weight is None else d * weight
+            shift = d if bias is None else d + bias
+        _mul_add(xc, _per_channel(scale, x), _per_channel(shift, x), out=out)
+
+        ctx.save_for_backward(xc, invstd, scale, *(r_d or ()))
         ctx.dims, ctx.n = dims, n
         return out
 
@@ -145,12 +178,11 @@ class _BatchNormFunction(torch.autograd.Function):
     @once_differentiable  # double backward would need a graph of this backward: not provided
     def backward(
         ctx: Any, grad_out: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
-        xc, invstd, scale = ctx.saved_tensors
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
+        xc, invstd, scale, *r_d = ctx.saved_tensors
         dims, n = ctx.dims, ctx.n
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_bias = None
-
         sum_dy = grad_out.sum(dims)
         if need_bias:
             grad_bias = sum_dy
@@ -160,6 +192,9 @@ class _BatchNormFunction(torch.autograd.Function):
             sum_dy_xhat = buffer.sum(dims).mul_(invstd)
             if need_weight:
                 grad_weight = sum_dy_xhat
+                if r_d:  # Batch Renorm: d gamma = r * sum(dy * x_hat) + d * sum(dy)
+                    r, d = r_d
+                    grad_weight = torch.addcmul(d * sum_dy, r, sum_dy_xhat)
             if need_x:
                 # dx = k dy + xc * (-k s / n) sum(dy x_hat) + (-k / n) sum(dy),  with k = g * s
                 minus_k_n = scale / -n
@@ -168,7 +203,27 @@ class _BatchNormFunction(torch.autograd.Function):
                 grad_x = _mul_add(
                     xc, _per_channel(xc_coef, xc), _per_channel(const, xc), out=buffer
                 ).addcmul_(grad_out, _per_channel(scale, xc))
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _renorm_correction(
+    mean: Tensor,
+    sum_sq: Tensor,
+    n: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    renorm: tuple[float, float],
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's per-channel ``(r, d)`` (Ioffe 2017, Algorithm 1)."""
+    if running_mean is None or running_var is None:
+        raise ValueError("batch renormalization needs running estimates (track_running_stats)")
+    r_max, d_max = renorm
+    sigma = torch.sqrt(running_var + eps)
+    batch_sigma = torch.sqrt(sum_sq / n + eps).to(sigma.dtype)
+    r = (batch_sigma / sigma).clamp_(1.0 / r_max, r_max)
+    d = ((mean.to(sigma.dtype) - running_mean) / sigma).clamp_(-d_max, d_max)
+    return r.to(mean.dtype), d.to(mean.dtype)
 
 
 def _normalize_with_running_stats(
@@ -199,12 +254,14 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    renorm: tuple[float, float] | None = None,
 ) -> Tensor:
     """Batch normalization with the arguments and semantics of ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalizes with the batch statistics and, when running buffers are
     given, updates them in place with factor ``momentum``; ``training=False`` uses the
-    running buffers, which must then be given.
+    running buffers, which must then be given. ``renorm=(r_max, d_max)`` makes training-mode
+    normalization Batch Renormalization (see ``_BatchNormFunction``).
     """
     if training:
         _verify_batch_size(input.size())
@@ -230,7 +287,9 @@ def batch_norm(
             out = out + _per_channel(bias, input)
         return out
 
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    return _BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps, renorm
+    )
 
 
 class _BatchNormBase(nn.Module):
@@ -372,7 +431,12 @@ class _BatchNormBase(nn.Module):
             use_batch_stats,
             factor,
             self.eps,
+            self._renorm_limits() if use_batch_stats else None,
         )
+
+    def _renorm_limits(self) -> tuple[float, float] | None:
+        """``(r_max, d_max)`` for Batch Renormalization (``BatchRenorm*d``); None: plain BN."""
+        return None
 
 
 class BatchNorm1d(_BatchNormBase):

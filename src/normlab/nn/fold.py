@@ -13,11 +13,26 @@ layer of the same kind:
 where ``scale * W`` scales output unit / output channel ``c`` (row ``c`` of the weight) by
 ``scale[c]``. The folded network computes the same function with one layer fewer and one
 memory pass fewer per BN, which is what inference runtimes do.
+
+A BN *after* the activation (``norm.position=post``: Linear -> act -> BN -> [dropout] ->
+Linear) folds instead into the *next* layer, along its input axis:
+
+    W' bn(z) + b' = (W' * scale) z + (W' shift + b')
+
+(``W' * scale`` scales input column / input channel ``c``). For a convolution this is exact
+only without zero padding: padding inserts zeros *after* the BN, where the folded conv would
+see ``shift`` at the borders. So a post-BN folds into a Linear or into a padding-free,
+ungrouped Conv, and is otherwise left in place with its reason. Only Identity and Dropout
+(both identities in evaluation) may stand between the BN and that next layer.
+
+LayerNorm, GroupNorm and RMSNorm are never folded: they normalize each sample by its own
+statistics, so in evaluation they are still not a fixed affine map.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from itertools import pairwise
 
 import torch
@@ -26,8 +41,9 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.nn import batchnorm as ours
+from normlab.nn.rms import RMSNorm2d
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["FoldWarning", "fold_batchnorm"]
 
 # Which BN may follow which layer. A Conv's output channels are axis 1, exactly the axis BN
 # normalizes. A Linear's output features are its *last* axis, which is BN's channel axis only
@@ -42,29 +58,126 @@ _FOLDABLE: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
 _ANY_BATCH_NORM = (_TorchBatchNorm, ours._BatchNormBase)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+_PER_SAMPLE_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    RMSNorm2d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+)
+_IDENTITY_IN_EVAL = (nn.Identity, nn.Dropout)
+
+
+class FoldWarning(UserWarning):
+    """A norm layer that fold_batchnorm left in place, and why."""
+
+
+def fold_batchnorm(model: nn.Module, report: list[str] | None = None) -> nn.Module:
     """An eval-mode deep copy of ``model`` with every foldable BatchNorm merged away.
 
-    A BatchNorm (torch's or normlab's, affine or not) is folded when it is the next sibling,
-    in registration order, of a Linear/Conv1d/Conv2d/Conv3d in the same parent module -- as in
-    ``nn.Sequential(Linear, BatchNorm1d, ...)`` or a block with children ``linear|conv, norm,
-    act, ...`` -- and it has running estimates (``track_running_stats=False`` layers use batch
-    statistics even in eval and cannot be folded). The layer's weight and bias absorb the BN
-    (a bias is created if the layer had none) and the BN becomes ``nn.Identity``. Every other
-    BN is left as it is. ``model`` itself is not modified.
+    A BatchNorm (torch's or normlab's, affine or not, with running estimates) is folded
+
+    * into the layer before it when it is the next sibling, in registration order, of a
+      Linear/Conv1d/Conv2d/Conv3d in the same parent module -- as in
+      ``nn.Sequential(Linear, BatchNorm1d, ...)`` or a block ``linear|conv, norm, act, ...``;
+    * otherwise (a BN after the activation) into the next Linear, or padding-free ungrouped
+      Conv, in forward order, with only Identity/Dropout in between (see the module docstring).
+
+    The layer's weight and bias absorb the BN (a bias is created if the layer had none) and the
+    BN becomes ``nn.Identity``. Every other BN, and every LayerNorm/GroupNorm/RMSNorm, stays,
+    with a ``FoldWarning`` saying why. ``report``, if given, receives one line per norm layer:
+    what was folded into what, or why not. ``model`` itself is not modified.
 
     Registration order is assumed to be forward order, as in ``nn.Sequential``; a module whose
     forward uses its children in a different order must not be folded this way.
     """
     folded = copy.deepcopy(model)
+    notes = report if report is not None else []
     with torch.no_grad():
+        names = {module: name for name, module in folded.named_modules()}
         for parent in list(folded.modules()):
             children = list(parent.named_children())
             for (_, layer), (name, norm) in pairwise(children):
                 if _can_fold(layer, norm):
                     _fold_into(layer, norm)
                     setattr(parent, name, nn.Identity())
+                    notes.append(f"{names[norm]}: folded into {names[layer]} (before it)")
+        _fold_post_norms(folded, names, notes)
     return folded.eval()
+
+
+def _fold_post_norms(model: nn.Module, names: dict[nn.Module, str], notes: list[str]) -> None:
+    """Fold each remaining BN into the next weight layer, or record why it stays."""
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    for i, (name, norm) in enumerate(leaves):
+        if isinstance(norm, _PER_SAMPLE_NORMS):
+            _left(
+                notes,
+                name,
+                f"{type(norm).__name__} normalizes each sample by its own "
+                "statistics: not a fixed affine map in evaluation, nothing to fold",
+            )
+            continue
+        if not isinstance(norm, _ANY_BATCH_NORM):
+            continue
+        if norm.running_mean is None or norm.running_var is None:
+            _left(
+                notes,
+                name,
+                "no running statistics (track_running_stats=False): it uses "
+                "batch statistics in evaluation too",
+            )
+            continue
+        following = [m for _, m in leaves[i + 1 :] if not isinstance(m, _IDENTITY_IN_EVAL)]
+        after = following[0] if following else None
+        reason = _post_fold_problem(norm, after)
+        if reason is not None:
+            _left(notes, name, reason)
+            continue
+        _fold_into_next(after, norm)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, nn.Identity())
+        notes.append(f"{name}: folded into {names[after]} (after it)")
+
+
+def _left(notes: list[str], name: str, reason: str) -> None:
+    notes.append(f"{name}: left in place: {reason}")
+    warnings.warn(f"fold_batchnorm: {name} left in place: {reason}", FoldWarning, stacklevel=3)
+
+
+def _post_fold_problem(norm: nn.Module, layer: nn.Module | None) -> str | None:
+    """Why ``norm`` cannot fold into the following ``layer`` (None: it can)."""
+    if not isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        kind = "nothing" if layer is None else type(layer).__name__
+        return f"no Linear/Conv follows it directly ({kind} comes next)"
+    if _uninitialized(layer) or _uninitialized(norm):
+        return "uninitialized lazy module"
+    if isinstance(layer, nn.Linear):
+        rank_ok = isinstance(norm, (nn.BatchNorm1d, ours.BatchNorm1d, nn.SyncBatchNorm))
+        channels = layer.in_features
+    else:
+        rank_ok = isinstance(norm, (*_FOLDABLE[type(layer)], nn.SyncBatchNorm))
+        channels = layer.in_channels
+        if layer.groups != 1:
+            return "the next conv is grouped"
+        if layer.padding_mode != "zeros" or any(p != 0 for p in _padding(layer)):
+            return (
+                "the next conv pads its input with zeros after the BN; folding the BN shift "
+                "into it would be wrong at the borders (exact only with padding=0)"
+            )
+    if not rank_ok or norm.num_features != channels:
+        return f"its {norm.num_features} features do not match the next layer's input"
+    return None
+
+
+def _padding(conv: nn.Module) -> tuple[int, ...]:
+    padding = conv.padding
+    if padding == "valid":
+        return (0,)
+    if padding == "same":
+        return tuple(k // 2 + (k + 1) % 2 for k in conv.kernel_size)  # non-zero unless 1x1
+    return tuple(padding)
 
 
 def _can_fold(layer: nn.Module, norm: nn.Module) -> bool:
@@ -88,10 +201,8 @@ def _uninitialized(module: nn.Module) -> bool:
     return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
-def _fold_into(layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, norm: nn.Module) -> None:
-    """Rewrite ``layer``'s weight and bias in place so that ``layer`` alone equals norm(layer)."""
-    weight = layer.weight
-    # Compute in float64, then round once to the layer's dtype.
+def _affine_of(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BN as ``z * scale + shift`` (float64 vectors)."""
     mean = norm.running_mean.double()
     scale = torch.rsqrt(norm.running_var.double() + norm.eps)
     if norm.weight is not None:
@@ -99,6 +210,31 @@ def _fold_into(layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, norm: nn.Mo
     shift = -mean * scale
     if norm.bias is not None:
         shift = shift + norm.bias.double()
+    return scale, shift
+
+
+def _fold_into_next(layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, norm: nn.Module) -> None:
+    """Rewrite ``layer`` in place so that ``layer`` alone equals layer(norm(.))."""
+    scale, shift = _affine_of(norm)
+    weight = layer.weight.double()
+    # Weight layout is (out, in, *kernel): scale each input column / channel; the shift,
+    # seen through the weights, adds a constant to every output.
+    column_shape = [1, -1] + [1] * (weight.dim() - 2)
+    added_bias = (weight * shift.view(column_shape)).flatten(1).sum(1)
+    old_bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(added_bias)
+    new_bias = (old_bias + added_bias).to(layer.weight.dtype)
+    layer.weight.copy_(weight * scale.view(column_shape))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=layer.weight.requires_grad)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _fold_into(layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, norm: nn.Module) -> None:
+    """Rewrite ``layer``'s weight and bias in place so that ``layer`` alone equals norm(layer)."""
+    weight = layer.weight
+    # Compute in float64, then round once to the layer's dtype.
+    scale, shift = _affine_of(norm)
 
     # Weight layout is (out, in, *kernel) for Linear and Conv alike: scale each output row.
     row_shape = [-1] + [1] * (weight.dim() - 1)
