@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 # Final metrics of a run, in the order tables show them.
-METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
+           # with callbacks=precise_bn: the same evaluation with the EMA running statistics
+           "val/loss_ema", "val/acc_ema", "test/loss_ema", "test/acc_ema")
 STATUSES = ("ok", "diverged", "failed", "interrupted")
 METRICS_FILE = "metrics.json"
 NO_METRICS = "no metrics.json: the job process died before writing it (killed? out of memory?)"
