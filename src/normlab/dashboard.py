@@ -125,6 +125,7 @@ def write_sweep_figures(sweep_dir: Path) -> Path:
     with SummaryWriter(str(run_dir)) as writer:
         writer.file_writer.add_summary(_sweep_experiment(collect_jobs(sweep_dir)))
         for tag, figure in figures.items():
+            figure.set_dpi(150)  # TensorBoard shows images at their pixel size
             canvas = FigureCanvasAgg(figure)
             canvas.draw()
             image = np.asarray(canvas.buffer_rgba())[..., :3]
