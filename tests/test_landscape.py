@@ -10,15 +10,16 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import compose_cfg
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import open_dict
 from torch import nn
 
-from normlab.data.datamodule import NormLabDataModule
 from normlab.ics.events import read_scalars
 from normlab.ics.landscape import LossLandscape, landscape, probe_module, step_sizes
-from normlab.models.module import ClassifierModule
 from normlab.models.vgg import VGG
-from normlab.train import train
+from normlab.train import build_module, train
 
 ETAS = step_sizes(0.1, 8)
 
@@ -120,13 +121,16 @@ class SpyLandscape(LossLandscape):
         return x, y
 
 
-def fit(root, callbacks, steps_per_call: int = 3):
+def fit(root, callbacks, steps_per_batch: int = 3):
+    """Two epochs of VGG with BN and dropout on digits, K optimizer steps per Lightning batch."""
+    cfg = compose_cfg(root, "model=vgg", "norm=bn", "dropout=0.2", "lr=0.01", "~logger")
+    with open_dict(cfg):  # the key's name before and after the rename to steps_per_batch
+        cfg.data["steps_per_batch" if "steps_per_batch" in cfg.data else "steps_per_call"] = (
+            steps_per_batch
+        )
     pl.seed_everything(0, verbose=False)
-    datamodule = NormLabDataModule(
-        "digits", root=root / "data", batch_size=32, steps_per_call=steps_per_call
-    )
-    backbone = VGG(datamodule.input_shape, datamodule.num_classes, norm="bn", dropout=0.2)
-    module = ClassifierModule(backbone, datamodule.num_classes, lr=0.01)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=TensorBoardLogger(root, name="tb", version=""),
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
@@ -134,6 +138,11 @@ def fit(root, callbacks, steps_per_call: int = 3):
     )
     trainer.fit(module, datamodule=datamodule)
     return module, datamodule, trainer
+
+
+def stacked_inputs(batch) -> torch.Tensor:
+    """x of a training batch: a (K, B, ...) tensor, in a tuple or a MiniBatchStack."""
+    return batch.x if hasattr(batch, "x") else batch[0]
 
 
 def test_training_is_bit_identical_with_and_without_the_probe(tmp_path):
@@ -153,7 +162,7 @@ def test_training_is_bit_identical_with_and_without_the_probe(tmp_path):
     for epoch in range(2):
         loader = datamodule.train_dataloader()
         loader.set_epoch(epoch)
-        minibatches.extend(x for xs, _ in loader for x in xs)
+        minibatches.extend(x for batch in loader for x in stacked_inputs(batch))
     for step, x in spy.inputs.items():
         assert torch.equal(x, minibatches[step]), step
 
