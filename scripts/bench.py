@@ -285,15 +285,18 @@ def raw_vgg_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
 def vgg_figures(quick: bool, out: Path) -> dict[str, float]:
     """step_vs_raw_torch_vgg (normlab / plain loop) and landscape_overhead (normlab with the
     landscape probe at its default cadence / without), vgg_small with BN on 8x8 digits."""
-    x, y = digits_tiled(4800 if quick else 12000)
+    # epochs of 200 or 400 steps: each holds the same number of probes (every 100 steps)
+    x, y = digits_tiled(BATCH * (200 if quick else 400))
     # NormlabEpochs' MNIST config with digits' shape; two fits in threads: no live progress bars
-    digits = ("data.name=digits", "callbacks.progress_bar=null")
+    digits = (
+        "data.name=digits", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"
+    )
     plain = NormlabEpochs("vgg", x, y, out / "vgg", *digits)
     probed = NormlabEpochs("vgg", x, y, out / "vgg_landscape", *digits, "callbacks=landscape")
     try:
         seconds = race(
             {"raw_torch": raw_vgg_epoch(x, y), "normlab": plain.epoch, "landscape": probed.epoch},
-            3 if quick else 5,
+            5 if quick else 9,
         )
     finally:
         plain.stop()

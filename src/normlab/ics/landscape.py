@@ -46,24 +46,20 @@ def step_sizes(lr: float, num_points: int, eta_range: Sequence[float] = (0.5, 4.
     return [low * (high / low) ** (i / (num_points - 1)) for i in range(num_points)]
 
 
-def loss_and_grad(loss_at: Callable[[Params], torch.Tensor], point: Params) -> tuple[float, Params]:
-    """L(point) and grad L(point), computed on leaf copies (nothing of the caller's is touched)."""
+def loss_and_grad(
+    loss_at: Callable[[Params], torch.Tensor], point: Params
+) -> tuple[float, torch.Tensor]:
+    """L(point) and grad L(point) as one flat vector, computed on leaf copies (nothing of the
+    caller's is touched)."""
     leaves = {name: value.detach().requires_grad_() for name, value in point.items()}
     with torch.enable_grad():
         loss = loss_at(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return loss.item(), {
-        name: torch.zeros_like(leaf) if grad is None else grad
-        for (name, leaf), grad in zip(leaves.items(), grads, strict=True)
-    }
-
-
-def _norm(tensors: Params) -> float:
-    return math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors.values()))
-
-
-def _distance(a: Params, b: Params) -> float:
-    return _norm({name: a[name] - b[name] for name in a})
+    flat = [
+        (torch.zeros_like(leaf) if grad is None else grad).reshape(-1)
+        for leaf, grad in zip(leaves.values(), grads, strict=True)
+    ]
+    return loss.item(), torch.cat(flat)
 
 
 def landscape(
@@ -74,12 +70,12 @@ def landscape(
 ) -> dict[str, float]:
     """The four measures at `params` along `-direction` (see the module docstring)."""
     _, grad_here = loss_and_grad(loss_at, params)
-    direction_norm = _norm(direction)
+    direction_norm = torch.cat([d.reshape(-1) for d in direction.values()]).norm().item()
     losses, grad_changes, smoothness = [], [], []
     for eta in etas:
         point = {name: value.detach() - eta * direction[name] for name, value in params.items()}
         loss, grad_there = loss_and_grad(loss_at, point)
-        change = _distance(grad_here, grad_there)
+        change = (grad_here - grad_there).norm().item()
         losses.append(loss)
         grad_changes.append(change)
         smoothness.append(change / (eta * direction_norm) if direction_norm > 0 else math.nan)
@@ -143,7 +139,7 @@ class LossLandscape(RecordingCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int = 100,
         num_points: int = 8,
         eta_range: Sequence[float] = (0.5, 4.0),
         output_dir: str | Path | None = None,
