@@ -177,7 +177,8 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
     bottom = axes[-1]
     for ax, norm in zip(bottom, norms, strict=False):
         _percentiles(ax, [r for r in runs if r.norm == norm and r.lr == lrs[0]], band_layer)
-        ax.set(title=f"(f) norm={norm}, lr={lrs[0]:g}: input of {band_layer}'s nonlinearity")
+        ax.set_ylabel("p15 / p50 / p85 on the probe batch")
+        ax.set(title=f"(f) {norm}, lr={lrs[0]:g}: {band_layer} preactivation")
     for ax in bottom[len(norms):]:
         ax.axis("off")
     for ax in axes.flat:
@@ -185,7 +186,7 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=72)
     plt.close(fig)
     return out
 
