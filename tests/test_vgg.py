@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import ROOT, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 
+from normlab.models.backbones import Block
 from normlab.models.vgg import PRESETS, VGG
 from normlab.train import train
 from normlab.validate import ConfigError, validate
@@ -101,3 +104,16 @@ def test_vgg_trains_on_digits_end_to_end(make_cfg):
     result = train(cfg)
     assert result["status"] == "ok"
     assert result["val/acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+@pytest.mark.skipif(
+    "position" not in inspect.signature(Block).parameters,
+    reason="norm.position arrives with the norm lab (branch norm-lab)",
+)
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_norm_position_reaches_every_vgg_block(position):
+    model = VGG((1, 8, 8), 10, norm={**NORM_SPECS["bn"], "position": position})
+    order = ["conv", "norm", "act"] if position == "pre" else ["conv", "act", "norm"]
+    for block in model.blocks:
+        assert [name for name, _ in block.named_children()][:3] == order
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

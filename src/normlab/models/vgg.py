@@ -108,11 +108,16 @@ class VGG(Backbone):
 def conv_block(
     c_in: int, c_out: int, norm: Spec, activation: Spec, dropout: float, pooled: bool
 ) -> Block:
-    """One VGG layer; the norm spec goes through unchanged (its options reach the norm layer)."""
+    """One VGG layer; the norm spec goes through unchanged (its options reach the norm layer,
+    its `position`, pre or post the activation, reaches the block)."""
+    position = {} if isinstance(norm, str) or "position" not in norm else {
+        "position": norm["position"]
+    }
     return Block(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
         make_norm(norm, c_out, 2),
         make_activation(activation),
         dropout,
         nn.MaxPool2d(2) if pooled else None,
+        **position,
     )
