@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures.update(training_figures("cnn", n // 4 if args.quick else n // 2, 2, Path(tmp)))
         figures.update(vgg_figures(args.quick, Path(tmp)))
     figures.update(custom_bn_figures(args.quick))
-    from normlab.ics.bench import logging_overhead
+    from bench_ics import logging_overhead  # beside this file, like bench_custom_bn
 
     figures["ics_logging_overhead"] = logging_overhead(quick=args.quick)
     figures["bench_seconds"] = round(time.perf_counter() - started, 1)

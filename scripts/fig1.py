@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from normlab.ics.figure import draw_fig1, load_runs
+from normlab.figures import draw_fig1, load_runs
 
 
 def main(argv: list[str] | None = None) -> int:

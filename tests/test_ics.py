@@ -24,22 +24,19 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.data.datamodule import NormLabDataModule
-from normlab.ics.activations import ActivationHistograms
-from normlab.ics.cadence import StepCadence
-from normlab.ics.events import read_scalars
-from normlab.ics.grad_shift import GradShift, grad_shift
-from normlab.ics.stats import distribution_stats
+from normlab.ics.callbacks import GradShift, ICSMonitor, StepCadence, WeightStats
+from normlab.ics.measure import distribution_stats, grad_shift, probe_activations
 from normlab.ics.summary import activation_summary
-from normlab.ics.weights import WeightStats
 from normlab.models.backbones import MLP
 from normlab.models.module import ClassifierModule
+from normlab.runs import read_scalars
 
 EVERY = 5
 STEPS_PER_CALL = 3
 STEPS = 1197 // 32  # digits: 1,197 training samples, batch 32, one epoch
 
 
-class SpyActivations(ActivationHistograms):
+class SpyActivations(ICSMonitor):
     """Keeps a copy of every captured tensor, to recompute what should have been logged."""
 
     def __init__(self, **kwargs) -> None:
@@ -111,9 +108,9 @@ def test_histograms_and_grad_norms_are_logged(icsrun):
     accumulator = EventAccumulator(str(icsrun["root"] / "tb"), size_guidance={"histograms": 0})
     accumulator.Reload()
     histograms = set(accumulator.Tags()["histograms"])
-    assert {"activations/layer1", "activations/layer2"} <= histograms
+    assert {"preact/layer1", "preact/layer2"} <= histograms
     assert {"weights/layer1", "weights/layer2", "weights/head"} <= histograms
-    first = accumulator.Histograms("activations/layer1")[0]
+    first = accumulator.Histograms("preact/layer1")[0]
     assert first.step == 0 and first.histogram_value.num == 64 * 16  # probe x units
     assert {"grads/layer1/norm", "grads/layer2/norm", "grads/head/norm"} <= set(icsrun["scalars"])
 
@@ -157,16 +154,16 @@ def test_summary_and_its_read_back_from_event_files(icsrun):
     assert summary["layer2"]["p50_travel"] == pytest.approx(abs(p50[last] - p50[first]))
     assert icsrun["shift"].ics_summary()["layer2"]["grad_shift_mean"] > 0
     # a callback that never trained (the parent process under ddp_spawn) reads rank 0's files
-    parent = ActivationHistograms(output_dir=icsrun["root"]).ics_summary()
+    parent = ICSMonitor(output_dir=icsrun["root"]).ics_summary()
     assert parent.keys() == summary.keys() == {"layer1", "layer2"}
     for layer, numbers in summary.items():
         assert parent[layer] == pytest.approx(numbers)
-    assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer1", "layer2", "head"}
-    assert ActivationHistograms().ics_summary() == {}
+    assert GradShift(output_dir=icsrun["root"]).ics_summary().keys() == {"layer2", "head"}
+    assert ICSMonitor().ics_summary() == {}
 
 
 def test_summary_survives_a_checkpoint(icsrun):
-    restored = ActivationHistograms()
+    restored = ICSMonitor()
     restored.load_state_dict(copy.deepcopy(icsrun["spy"].state_dict()))
     assert restored.ics_summary() == icsrun["spy"].ics_summary()
 
@@ -207,7 +204,7 @@ def test_grad_shift_equals_a_hand_computation_with_sgd():
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     shifts = grad_shift(model, optimizer, {"layer1": model[0].weight, "head": model[4].weight},
                         lambda: F.cross_entropy(model(x), y))
-    assert shifts["layer1"] == (0.0, 1.0)
+    assert "layer1" not in shifts  # nothing before the first layer moves
     assert shifts["head"][0] == pytest.approx(expected, rel=1e-5) and expected > 0
     assert shifts["head"][1] == pytest.approx(cos, rel=1e-6)
 
@@ -275,7 +272,7 @@ def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
 
     plain = final_state(tmp_path / "plain", [])
     measured = final_state(tmp_path / "measured", [
-        GradShift(every_n_steps=1), ActivationHistograms(every_n_steps=1),
+        GradShift(every_n_steps=1), ICSMonitor(every_n_steps=1),
         WeightStats(every_n_steps=1),
     ])
     assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
@@ -308,11 +305,11 @@ def test_tensorboard_server_serves_the_ics_tags(icsrun):
                 histograms = fetch_json(f"{base}/histograms/tags")
             except OSError:
                 histograms = {}
-            if any("activations/layer1" in tags for tags in histograms.values()):
+            if any("preact/layer1" in tags for tags in histograms.values()):
                 break
             time.sleep(1)
         run_tags = next(iter(histograms.values()))
-        assert {"activations/layer1", "activations/layer2", "weights/head"} <= set(run_tags)
+        assert {"preact/layer1", "preact/layer2", "weights/head"} <= set(run_tags)
         scalars = next(iter(fetch_json(f"{base}/scalars/tags").values()))
         assert {f"ics/layer2/{s}" for s in ("p15", "p50", "p85", "mean", "std", "grad_shift")} \
             <= set(scalars)
@@ -329,13 +326,14 @@ def test_fig1_script_draws_a_png_from_a_short_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     for job, norm in enumerate(["none", "bn"]):
         cfg = compose_cfg(sweep / str(job), "experiment=bn_paper_fig1", f"norm={norm}",
-                          "trainer.max_epochs=1", "callbacks.activation_histograms.every_n_steps=4")
+                          "trainer.max_epochs=1", "callbacks.ics.every_n_steps=4")
         (sweep / str(job) / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg, sweep / str(job) / ".hydra" / "config.yaml")  # as Hydra would
         metrics = train(cfg)
         assert {"layer1", "layer2", "layer3"} <= metrics["ics"].keys()
         scalars = read_scalars(sweep / str(job), "ics/")
-        assert all(f"ics/{layer}/grad_shift" in scalars for layer in ("layer1", "layer2", "layer3"))
+        assert all(f"ics/{layer}/grad_shift" in scalars for layer in ("layer2", "layer3"))
+        assert "ics/layer1/grad_shift" not in scalars  # nothing before layer 1 moves
     out = tmp_path / "fig1.png"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fig1.py"), str(sweep),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -350,3 +348,32 @@ def test_activation_summary_numbers():
         "p50_start": 0.0, "p50_end": 0.5, "p50_travel": 0.5, "p50_max_shift": 0.5,
         "spread_start": 2.0, "spread_end": 5.0,
     }
+
+
+def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
+    torch.manual_seed(0)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm="bn", dropout=0.5), 3, 0.01)
+    model.train()
+    x = torch.randn(256, 20) * 3 + 2
+    buffers = copy.deepcopy(dict(model.named_buffers()))
+    rng = torch.get_rng_state()
+    preact, norm_out = probe_activations(model, x)  # step 0: running stats are still (0, 1)
+    for layer in ("layer1", "layer2"):
+        out = norm_out[layer]
+        assert torch.allclose(out.mean(0), torch.zeros(out.shape[1]), atol=1e-3)
+        assert torch.allclose(out.std(0, unbiased=False), torch.ones(out.shape[1]), atol=1e-3)
+        assert torch.equal(preact[layer], out)  # pre position: the norm output enters the ReLU
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(m.training for m in model.modules())
+
+
+def test_probe_eval_mode_uses_running_statistics():
+    torch.manual_seed(0)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm="bn"), 3, 0.01)
+    x = torch.randn(256, 20) * 3 + 2
+    _, norm_out = probe_activations(model, x, mode="eval")
+    linear_out = model.backbone.blocks.layer1.linear(x)  # BN with (0, 1) running stats: identity
+    assert torch.allclose(norm_out["layer1"], linear_out / (1 + 1e-5) ** 0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="probe_mode='train' is not valid; choose one of: batch"):
+        probe_activations(model, x, mode="train")

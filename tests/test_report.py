@@ -94,7 +94,7 @@ def test_markdown_table_has_one_row_per_group_and_the_ics_numbers(sweep):
     assert len(rows) == 2 + 4  # main table + ICS table (2 groups x 2 layers)
     assert "0.9200 ± 0.0200" in rows[0] and "2 ok, 1 diverged" in rows[0]
     assert "2 ok, 1 failed" in rows[1]
-    assert "| norm=none | layer1 | 1.5000 |" in report.markdown
+    assert "| norm=none | layer1 | 1.5000 |" in " ".join(report.markdown.split())
 
 
 def test_plots_have_a_line_per_group_and_a_panel_per_layer(sweep):
@@ -140,12 +140,14 @@ def test_epoch_curve_uses_the_epoch_scalar():
 def test_markdown_leaves_missing_numbers_blank():
     blank = {f"{m} {s}": math.nan for m in METRICS for s in ("mean", "std")}
     groups = pd.DataFrame([{"group": "g", "n_seeds": 1, "n_ok": 0, "n_failed": 1, **blank}])
-    assert "| g | 1 |  |  |  |  | 1 failed |" in markdown_table(groups)
+    row = markdown_table(groups).splitlines()[2]
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells == ["", "g", "1", "", "", "", "", "1 failed", ""]
 
 
 def test_cli_prints_the_table_and_fails_on_a_missing_dir(sweep, tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "report.py")]
     out = subprocess.run([*script, str(sweep)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "| norm=bn |" in out.stdout
+    assert out.returncode == 0 and "| norm=bn " in out.stdout
     missing = subprocess.run([*script, str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "report: error" in missing.stderr

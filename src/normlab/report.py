@@ -17,12 +17,12 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, works headless
 from matplotlib.ticker import MaxNLocator
 
-from normlab.sweep import collect_jobs
+from normlab import runs
+from normlab.runs import STATUSES, collect_jobs, override_key, sorted_layers
 
 METRICS = ("val/acc", "test/acc", "train/acc", "train/loss")
 CURVES = ("val/acc", "train/loss")
 PERCENTILES = ("p15", "p50", "p85")
-STATUSES = ("ok", "diverged", "failed")
 SEED_KEY = "seed"
 
 
@@ -70,21 +70,17 @@ def jobs_frame(sweep_dir: Path) -> pd.DataFrame:
 
 def _job_row(job: dict[str, Any]) -> dict[str, Any]:
     overrides = [str(o) for o in job.get("overrides") or []]
-    seeds = [o.split("=", 1)[1] for o in overrides if _key(o) == SEED_KEY]
+    seeds = [o.split("=", 1)[1] for o in overrides if override_key(o) == SEED_KEY]
     row = {
         "job": job["job"],
         "seed": seeds[0] if seeds else "",
-        "overrides": tuple(o for o in overrides if _key(o) != SEED_KEY),
+        "overrides": tuple(o for o in overrides if override_key(o) != SEED_KEY),
         "status": job.get("status", "unknown"),
     }
     row.update({m: _number(job.get(m)) for m in METRICS})
     for layer, numbers in (job.get("ics") or {}).items():
         row.update({f"ics/{layer}/{name}": _number(v) for name, v in numbers.items()})
     return row
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _number(value: Any) -> float:
@@ -157,9 +153,7 @@ def _ics_markdown(groups: pd.DataFrame) -> str:
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return runs.markdown([dict(zip(header, row, strict=True)) for row in rows], header)
 
 
 def _mean_std(row: pd.Series, metric: str) -> str:
@@ -182,16 +176,11 @@ def _status_counts(row: pd.Series) -> str:
 
 
 def read_scalars(job_dir: Path) -> dict[str, pd.Series]:
-    """Every scalar tag in the job's event files: tag -> values indexed by step (last wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events: dict[str, dict[int, float]] = {}
-    for folder in sorted({p.parent for p in Path(job_dir).rglob("events.out.tfevents.*")}):
-        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags().get("scalars", []):
-            events.setdefault(tag, {}).update((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: pd.Series(values, dtype=float).sort_index() for tag, values in events.items()}
+    """Every scalar tag in the job's event files: tag -> values indexed by step."""
+    return {
+        tag: pd.Series(points, dtype=float).sort_index()
+        for tag, points in runs.read_scalars(job_dir).items()
+    }
 
 
 def epoch_curve(scalars: dict[str, pd.Series], tag: str) -> pd.Series:
@@ -215,7 +204,7 @@ def ics_layers(scalars: dict[str, dict[str, pd.Series]]) -> list[str]:
                 f"ics/{parts[1]}/{p}" in tags for p in PERCENTILES
             ):
                 layers.add(parts[1])
-    return sorted(layers, key=lambda name: (len(name), name))
+    return sorted_layers(layers)
 
 
 # ---------------------------------------------------------------- plots

@@ -7,93 +7,62 @@ failed. A sweep in which any job failed exits non-zero after the summary.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from normlab.runs import STATUSES, collect_jobs, last_hidden_layer, markdown
 
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
 # ICS numbers of the last hidden layer (the BN paper's Fig. 1 layer), from metrics.json "ics".
 ICS_COLUMNS = ("p50_travel", "grad_shift_mean")
-NO_METRICS = "no metrics.json: the job process died before writing it (killed? out of memory?)"
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job dirs of a sweep (those Hydra set up, or that wrote metrics.json), in job order."""
-    if not sweep_dir.is_dir():
-        return []
-    found = [
-        d
-        for d in sweep_dir.iterdir()
-        if d.is_dir() and ((d / "metrics.json").is_file() or (d / ".hydra").is_dir())
-    ]
-    return sorted(found, key=lambda d: _job_key(d.name))
-
-
-def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """`metrics.json` of every job under `sweep_dir`, with its job dir name under `job`."""
-    return [{"job": d.name, **read_job(d)} for d in job_dirs(sweep_dir)]
-
-
-def read_job(job_dir: Path) -> dict[str, Any]:
-    """A job's metrics.json, or a `failed` record when the job never wrote one."""
-    path = job_dir / "metrics.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    overrides = job_dir / ".hydra" / "overrides.yaml"
-    listed = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
-    return {"status": "failed", "error": NO_METRICS, "overrides": listed}
-
-
-def _job_key(name: str) -> tuple[int, str]:
-    return (int(name), name) if name.isdigit() else (sys.maxsize, name)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return " ".join(value) or "(defaults)"
-    return "" if value is None else str(value)
-
-
-def _status_cell(row: dict[str, Any]) -> str:
-    status = row.get("status", "")
-    if status == "failed" and row.get("error"):
-        return f"failed: {row['error']}".replace("|", "/")
-    if status == "diverged" and row.get("diverged_at_step") is not None:
-        return f"diverged at step {row['diverged_at_step']}"
-    return _cell(status)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per job; a failed job shows its error line."""
-    header = [*COLUMNS, *(f"last layer {name}" for name in ICS_COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ics_header = [f"last layer {name}" for name in ICS_COLUMNS]
+    table = []
     for row in rows:
-        cells = [_cell(row.get(c)) for c in COLUMNS]
-        cells[COLUMNS.index("status")] = _status_cell(row)
-        last = _last_hidden_layer(row.get("ics") or {})
-        cells += [_cell(last.get(name)) for name in ICS_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        ics = row.get("ics") or {}
+        last = ics.get(last_hidden_layer(ics) or "", {})
+        cells = {c: row.get(c) for c in COLUMNS}
+        cells["overrides"] = " ".join(row.get("overrides") or []) or "(defaults)"
+        cells["status"] = _status_cell(row)
+        cells.update({h: last.get(n) for h, n in zip(ics_header, ICS_COLUMNS, strict=True)})
+        table.append(cells)
+    return markdown(table, [*COLUMNS, *ics_header])
 
 
-def _last_hidden_layer(ics: dict[str, dict[str, float]]) -> dict[str, float]:
-    hidden = [name for name in ics if name.startswith("layer") and name[5:].isdigit()]
-    return ics[max(hidden, key=lambda name: int(name[5:]))] if hidden else {}
+def _status_cell(row: dict[str, Any]) -> str:
+    status = str(row.get("status", ""))
+    if status in ("failed", "interrupted") and row.get("error"):
+        return f"{status}: {row['error']}"
+    if status == "diverged" and row.get("diverged_at_step") is not None:
+        return f"diverged at step {row['diverged_at_step']}"
+    return status
 
 
 def status_line(rows: list[dict[str, Any]]) -> str:
     """E.g. `4 jobs: 2 ok, 1 diverged, 1 failed`."""
     counts = Counter(row.get("status", "unknown") for row in rows)
-    parts = [f"{counts[s]} {s}" for s in ("ok", "diverged", "failed") if counts[s]]
-    parts += [f"{n} {s}" for s, n in counts.items() if s not in ("ok", "diverged", "failed")]
+    parts = [f"{counts[s]} {s}" for s in STATUSES if counts[s]]
+    parts += [f"{n} {s}" for s, n in counts.items() if s not in STATUSES]
     return f"{len(rows)} jobs: {', '.join(parts)}"
+
+
+def _write_figures(sweep_dir: Path) -> None:
+    """The comparison figures into TensorBoard; a figure must never fail the sweep."""
+    from normlab import dashboard
+
+    try:
+        dashboard.write_sweep_figures(sweep_dir)
+    except Exception as error:  # e.g. no event files at all (logger=csv)
+        print(f"normlab: no comparison figure in TensorBoard: {error}", file=sys.stderr)
+    print(dashboard.tensorboard_hint(sweep_dir), flush=True)
 
 
 class SweepSummary(Callback):
@@ -106,6 +75,7 @@ class SweepSummary(Callback):
         counts = status_line(rows)
         (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}")
         print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+        _write_figures(sweep_dir)
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:
             print(f"normlab: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)

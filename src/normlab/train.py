@@ -8,49 +8,50 @@ command line (`python train.py ...`). A run that raises is recorded as `status: 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from normlab import dashboard, process
 from normlab.config import CONFIG_DIR
-from normlab.validate import ConfigError, check_group_choices, validate
+from normlab.ics.summary import merge_summaries
+from normlab.runs import METRICS, is_multirun, task_overrides, write_metrics
+from normlab.validate import ConfigError, check_group_choices, one_line, validate
 
 log = logging.getLogger("normlab")
-
-# Hydra 1.3 warns once per process that our same-named launcher overrides (conf/hydra/launcher/)
-# are "validated against ConfigStore schema"; that is intended. Module level, so joblib's worker
-# processes, which import this module, are quiet too.
-warnings.filterwarnings(
-    "ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema"
-)
-
-FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+process.quiet_hydra_launcher_warning()  # module level: joblib's workers import this module too
+dashboard.register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit then test the configured model; return (and write) the final metrics."""
+    """Fit then test the configured model; return (and write) the final metrics.
+
+    `train_seconds` counts fitting and testing only; `setup_seconds` the rest (imports of
+    Lightning and TensorBoard, data loading, building the model), which the first run of a
+    process pays alone.
+    """
     output_dir = Path(cfg.paths.output_dir)
-    result: dict[str, Any] = {"status": "failed", "overrides": _task_overrides()}
-    started = time.perf_counter()
+    result: dict[str, Any] = {"status": "failed", "overrides": task_overrides()}
+    clock = {"start": time.perf_counter()}
     try:
         validate(cfg)
-        result.update(_fit_and_test(cfg, output_dir))
+        result.update(_fit_and_test(cfg, clock))
         result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
-        result["error"] = _one_line(error)
+        result["error"] = one_line(error)
         raise
     finally:
-        result["train_seconds"] = round(time.perf_counter() - started, 3)
-        if _is_global_zero():
+        end = clock.get("trained", time.perf_counter())
+        fit_start = clock.get("fit", end)
+        result["train_seconds"] = round(end - fit_start, 3)
+        result["setup_seconds"] = round(fit_start - clock["start"], 3)
+        if process.is_global_zero():
             write_metrics(output_dir, result)
     return result
 
@@ -84,48 +85,32 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any
     return trainer, callbacks
 
 
-def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     import lightning.pytorch as pl  # heavy imports only once a run really starts
     from hydra.utils import instantiate
 
-    _quiet_lightning()
-    _set_threads(cfg)
+    process.quiet_lightning()
+    process.set_threads(cfg)
+    process.skip_nvml_probe_on_cpu(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.load()  # missing files fail here, before a model or trainer exists
     module = build_module(cfg, datamodule)
     trainer, callbacks = build_trainer(cfg)
+    clock["fit"] = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_metrics = _scalars(trainer.callback_metrics)
     trainer.test(module, datamodule=datamodule, verbose=False)
+    clock["trained"] = time.perf_counter()
     metrics = {**fit_metrics, **_scalars(trainer.callback_metrics)}
-    summary: dict[str, Any] = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
+    summary: dict[str, Any] = {k: metrics[k] for k in METRICS if k in metrics}
     summary["epochs"], summary["steps"] = _progress(trainer)
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
-    summary["ics"] = _ics_summary(callbacks)
+    summary["ics"] = merge_summaries(callbacks)
+    summary["hparams"] = dashboard.hparams_of(cfg)
+    dashboard.log_hparams(trainer, cfg)
     return summary
-
-
-def _ics_summary(callbacks: list[Any]) -> dict[str, dict[str, float]]:
-    """Per-layer ICS numbers of every callback that has them, merged layer by layer."""
-    ics: dict[str, dict[str, float]] = {}
-    for callback in callbacks:
-        for layer, numbers in getattr(callback, "ics_summary", dict)().items():
-            ics.setdefault(layer, {}).update(numbers)
-    return ics
-
-
-def _quiet_lightning() -> None:
-    """One line per message: `lightning` adds its own console handler at import, and Hydra's
-    root handler prints the same records again; keep Hydra's (it also writes the job log)."""
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().handlers:
-        for handler in list(lightning_logger.handlers):
-            if type(handler) is logging.StreamHandler:
-                lightning_logger.removeHandler(handler)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\..*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _progress(trainer: Any) -> tuple[int, int]:
@@ -147,93 +132,15 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _set_threads(cfg: DictConfig) -> None:
-    """Give each process its share of the cores: N processes x 2 threads on 2 cores crawl."""
-    import torch
-
-    threads = cfg.get("torch_threads")
-    if threads is None:
-        processes = _parallel_jobs() * _processes_per_job(cfg)
-        if processes == 1:
-            return
-        threads = max(1, (os.cpu_count() or 1) // processes)
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by spawned DDP processes
-
-
-def _processes_per_job(cfg: DictConfig) -> int:
-    devices = cfg.trainer.get("devices", 1)
-    on_cpu = cfg.trainer.get("accelerator") == "cpu"
-    return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1
-
-
-def _parallel_jobs() -> int:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return 1
-    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
-
-
-def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def _is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-
-
-def _one_line(error: BaseException) -> str:
-    # Hydra wraps errors raised while instantiating (e.g. a bad model option): report the cause.
-    while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
-        error = error.__cause__
-    text = " ".join(str(error).split())
-    if isinstance(error, ConfigError):
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite_or_null(metrics), indent=2, default=float) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _finite_or_null(value: Any) -> Any:
-    """NaN/inf -> null: strict JSON readers reject bare NaN (a diverged loss has one)."""
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except Exception as error:
-        message = _one_line(error)
+        message = one_line(error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        if _is_multirun():  # recorded in metrics.json; the sweep goes on and fails at its end
+        if is_multirun():  # recorded in metrics.json; the sweep goes on and fails at its end
             log.error(message)
             return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from statistics import fmean
+from typing import Any
 
-from normlab.ics.events import Series
-
-
-def layers_with(series: Series, stat: str) -> list[str]:
-    """Layers that have `ics/<layer>/<stat>`, in natural order (layer2 before layer10)."""
-    found = {tag.split("/")[1] for tag in series if re.fullmatch(rf"ics/[^/]+/{stat}", tag)}
-    return sorted(found, key=_natural_key)
-
-
-def _natural_key(name: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+from normlab.runs import Series, layers_with
 
 
 def activation_summary(series: Series) -> dict[str, dict[str, float]]:
@@ -48,3 +38,12 @@ def grad_shift_summary(series: Series) -> dict[str, dict[str, float]]:
             numbers["grad_cos_mean"] = fmean(cosines.values())
         summary[layer] = numbers
     return summary
+
+
+def merge_summaries(callbacks: list[Any]) -> dict[str, dict[str, float]]:
+    """Per-layer numbers of every callback that has an `ics_summary()`, merged layer by layer."""
+    ics: dict[str, dict[str, float]] = {}
+    for callback in callbacks:
+        for layer, numbers in getattr(callback, "ics_summary", dict)().items():
+            ics.setdefault(layer, {}).update(numbers)
+    return ics

@@ -121,6 +121,10 @@ class Backbone(nn.Module):
         """`{"layer1": <activation module>, ...}` in forward order."""
         return {name: block.act for name, block in self.blocks.named_children()}
 
+    def norm_layers(self) -> dict[str, nn.Module]:
+        """`{"layer1": <norm module>, ...}` in forward order (`Identity` without a norm)."""
+        return {name: block.norm for name, block in self.blocks.named_children()}
+
     def weight_layers(self) -> dict[str, nn.Module]:
         """`{"layer1": <Linear/Conv>, ..., "head": <Linear>}` in forward order."""
         layers = {name: block[0] for name, block in self.blocks.named_children()}

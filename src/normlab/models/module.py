@@ -10,8 +10,6 @@ meaning optimizer steps.
 
 from __future__ import annotations
 
-import os
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -49,6 +47,10 @@ class ClassifierModule(pl.LightningModule):
         """Activation modules by layer name (`layer1`, ...), for the ICS callbacks."""
         return self.backbone.nonlinearities()
 
+    def norm_layers(self) -> dict[str, nn.Module]:
+        """Norm modules by layer name, for the ICS callbacks (`norm_out/<layer>`); may be empty."""
+        return self.backbone.norm_layers() if hasattr(self.backbone, "norm_layers") else {}
+
     def weight_layers(self) -> dict[str, nn.Module]:
         """Linear/Conv modules by layer name (`layer1`, ..., `head`), for the ICS callbacks."""
         return self.backbone.weight_layers()
@@ -57,14 +59,6 @@ class ClassifierModule(pl.LightningModule):
         # The fused kernel updates all parameters in one call: for small nets the optimizer's
         # per-parameter Python loop, not arithmetic, dominates a step. Same maths as Adam.
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=_fused_adam_ok(self))
-
-    def on_fit_start(self) -> None:
-        if self.device.type == "cpu":
-            # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 so that CUDA probes don't poison
-            # fork(). On a CUDA build without a GPU, torch then reloads NVML at every probe, and
-            # Adam probes at every step: ~0.4 ms, more than a whole step of the lecture's MLP.
-            # A CPU run never needs CUDA, so the plain (cached) probe is safe here.
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
     def on_train_epoch_start(self) -> None:
         # Dropout masks depend only on (seed, epoch), so a resumed run repeats the straight one.

@@ -1,4 +1,5 @@
-"""What the ICS callbacks cost: epoch time with them / without, on the default run.
+"""`python scripts/bench_ics.py`: what the ICS callbacks cost, as the epoch time of the default
+run with them / without.
 
 Both variants are the real default run (digits, MLP 32-32 with BN, batch 32, its number of
 epochs, the cadence of `conf/callbacks/default.yaml`; one-time costs included). On a shared
@@ -73,7 +74,7 @@ def logging_overhead(
 
     CPU time of this process by default (the waiting thread uses none; TensorBoard's writer
     thread counts); `wall=True` measures wall-clock time instead. `overrides` change the
-    default config, e.g. `["callbacks.activation_histograms.every_n_steps=50"]`.
+    default config, e.g. `["callbacks.ics.every_n_steps=50"]`.
     """
     repeats = repeats or (3 if quick else 9)
     clock = time.perf_counter if wall else time.process_time
@@ -123,25 +124,27 @@ def _trainer_fit(
 ) -> Callable[[], None]:
     from hydra.utils import instantiate
 
-    from normlab.models.module import ClassifierModule
+    from normlab.train import build_module, build_trainer
 
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
-    backbone = instantiate(
-        cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes,
-        _convert_="all",
-    )
-    module = ClassifierModule(
-        backbone, num_classes=datamodule.num_classes, lr=cfg.lr, seed=cfg.seed
-    )
-    ics = [instantiate(c) for c in cfg.callbacks.values()
-           if c is not None and c._target_.startswith("normlab.ics.")]
-    trainer = instantiate(
-        cfg.trainer, max_epochs=epochs, enable_checkpointing=False, enable_progress_bar=False,
-        logger=[instantiate(c) for c in cfg.logger.values() if c is not None],
-        callbacks=[timer, *(ics if with_ics else [])],
-    )
+    module = build_module(cfg, datamodule)
+    trainer, _ = build_trainer(_variant(cfg, with_ics, epochs), extra_callbacks=[timer])
     return lambda: trainer.fit(module, datamodule=datamodule)
+
+
+def _variant(cfg: DictConfig, with_ics: bool, epochs: int) -> DictConfig:
+    """The run's config for `epochs` epochs, its ICS callbacks only (or no callbacks at all)."""
+    variant = cfg.copy()
+    ics = {
+        name: c for name, c in (cfg.callbacks or {}).items()
+        if c is not None and with_ics and c._target_.startswith("normlab.ics.")
+    }
+    variant.callbacks = ics
+    variant.trainer.max_epochs = epochs
+    variant.trainer.enable_checkpointing = False
+    variant.trainer.enable_progress_bar = False
+    return variant
 
 
 def _default_config(output_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -158,3 +161,7 @@ def _default_config(output_dir: Path, overrides: Sequence[str] = ()) -> DictConf
                 *overrides,
             ],
         )
+
+
+if __name__ == "__main__":
+    print(f"ics_logging_overhead: {logging_overhead():.3f}")

@@ -7,14 +7,20 @@ model code. Several seeds of one norm are drawn thin, their mean thick.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normlab.ics.events import Series, read_scalars
-from normlab.ics.summary import layers_with
+from normlab.runs import (
+    Series,
+    last_hidden_layer,
+    layers_with,
+    parse_overrides,
+    read_config,
+    read_job,
+    read_scalars,
+    run_dirs,
+)
 
 PERCENTILE_STYLE = {"p85": "tab:red", "p50": "tab:blue", "p15": "tab:green"}
 
@@ -27,28 +33,14 @@ class RunCurves:
     series: Series
 
 
-def run_dirs(paths: Sequence[Path | str]) -> list[Path]:
-    """Each path is a run dir (has event files directly in its tree) or a sweep dir of run dirs."""
-    found = []
-    for path in map(Path, paths):
-        jobs = sorted(p.parent for p in path.glob("*/metrics.json"))
-        found.extend(jobs or [path])
-    return found
-
-
 def describe(run_dir: Path) -> tuple[str, int | None]:
     """(norm name, seed) of a run, from Hydra's saved config or the recorded overrides."""
-    config = run_dir / ".hydra" / "config.yaml"
-    if config.exists():
+    cfg = read_config(run_dir)
+    if cfg is not None:
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(config)
         return str(OmegaConf.select(cfg, "norm.name", default="run")), cfg.get("seed")
-    overrides = {}
-    if (run_dir / "metrics.json").exists():
-        for item in json.loads((run_dir / "metrics.json").read_text()).get("overrides", []):
-            key, _, value = item.partition("=")
-            overrides[key] = value
+    overrides = parse_overrides(read_job(run_dir).get("overrides", []))
     seed = overrides.get("seed")
     return overrides.get("norm", "run"), int(seed) if seed and seed.isdigit() else None
 
@@ -79,12 +71,12 @@ def mean_curve(runs: Sequence[RunCurves], tag: str) -> tuple[list[int], list[flo
     return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
 
 
-def last_hidden_layer(runs: Sequence[RunCurves]) -> str:
-    layers = [layers_with(run.series, "p50") for run in runs]
-    deepest = [found[-1] for found in layers if found]
-    if not deepest:
+def deepest_layer(runs: Sequence[RunCurves]) -> str:
+    """The last hidden layer that has ICS percentiles in some run."""
+    layer = last_hidden_layer(name for run in runs for name in layers_with(run.series, "p50"))
+    if layer is None:
         raise ValueError("no ics/<layer>/p50 scalars in these runs: were the ICS callbacks on?")
-    return max(deepest, key=lambda name: int(re.sub(r"\D", "", name) or 0))
+    return layer
 
 
 def draw_fig1(runs: Sequence[RunCurves], out: Path | str, layer: str | None = None) -> Path:
@@ -96,7 +88,7 @@ def draw_fig1(runs: Sequence[RunCurves], out: Path | str, layer: str | None = No
 
     if not runs:
         raise ValueError("no runs to draw")
-    layer = layer or last_hidden_layer(runs)
+    layer = layer or deepest_layer(runs)
     groups = by_norm(runs)
     fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.3 * (1 + len(groups)), 3.6))
     _accuracy_panel(axes[0], groups)

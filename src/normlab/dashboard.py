@@ -1,0 +1,142 @@
+"""What TensorBoard shows besides the per-step logs: run names, hparams, the sweep's figures.
+
+- Each job's TensorBoard run is named by its task overrides (`norm=bn,seed=1`: Hydra's
+  `override_dirname`, sorted, so the same job has the same name in every sweep); see
+  conf/logger/tensorboard.yaml.
+- Each run records its swept choices as hparams with `val/acc` and `test/acc` as metrics, so the
+  HPARAMS tab compares a whole sweep.
+- When a sweep ends, the report's figures (accuracy curves, ICS bands per group and layer) are
+  written as images into `<sweep dir>/tensorboard/_sweep`: the landing page (Time Series) shows
+  the comparison first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Config groups whose chosen option is an hparam, and top-level keys that are.
+HPARAM_GROUPS = ("data", "model", "norm", "activation", "init", "optimizer", "scheduler")
+HPARAM_KEYS = {"lr": "lr", "dropout": "dropout", "data.batch_size": "batch_size", "seed": "seed",
+               "norm.position": "position", "grad_clip": "grad_clip"}
+HPARAM_METRICS = ("val/acc", "test/acc")
+SWEEP_RUN = "tensorboard/_sweep"
+
+
+def run_name() -> str:
+    """The running job's task overrides as a run name, e.g. `norm=bn,seed=1`; '' without any.
+
+    Keys that say where rather than what are left out (conf/hydra/default.yaml); a "/" in a value
+    would nest TensorBoard runs, so it becomes "_".
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return str(HydraConfig.get().job.override_dirname).replace("/", "_")
+
+
+def register_resolvers() -> None:
+    """`${run_name:}` in configs (conf/logger/tensorboard.yaml)."""
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The choices that make runs differ: group options (by name) and the key numbers."""
+    choices = _group_choices()
+    params: dict[str, Any] = {}
+    for group in HPARAM_GROUPS:
+        name = choices.get(group) or OmegaConf.select(cfg, f"{group}.name")
+        if name is not None:
+            params[group] = str(name)
+    for key, name in HPARAM_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            params[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return params
+
+
+def _group_choices() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
+
+
+def log_hparams(trainer: Any, cfg: DictConfig) -> None:
+    """Write the run's hparams into each of its TensorBoard runs (rank 0). Their metric values are
+    the run's own `val/acc` and `test/acc` scalars. A fresh writer: Lightning closed its own."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    if not trainer.is_global_zero:
+        return
+    from normlab.runs import is_multirun
+
+    log_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    experiment, start, end = hparams(hparams_of(cfg), dict.fromkeys(HPARAM_METRICS, 0.0))
+    # In a sweep the experiment (which hparams, which values) is written once at its end, from
+    # every job (`write_sweep_figures`); TensorBoard reads the first experiment it finds.
+    summaries = (start, end) if is_multirun() else (experiment, start, end)
+    for log_dir in log_dirs:
+        with SummaryWriter(log_dir) as writer:
+            for summary in summaries:
+                writer.file_writer.add_summary(summary)
+
+
+def _sweep_experiment(jobs: list[dict[str, Any]]) -> Any:
+    """The hparams experiment of a whole sweep: every hparam with the values its jobs took."""
+    from torch.utils.tensorboard.summary import hparams
+
+    params = [job.get("hparams") or {} for job in jobs]
+    names = sorted({name for p in params for name in p})
+    first = {name: next(p[name] for p in params if name in p) for name in names}
+    domains = {
+        name: sorted({p[name] for p in params if name in p})
+        for name in names
+        if isinstance(first[name], str)
+    }
+    experiment, _, _ = hparams(first, dict.fromkeys(HPARAM_METRICS, 0.0), domains)
+    return experiment
+
+
+def write_sweep_figures(sweep_dir: Path) -> Path:
+    """The report's accuracy and ICS figures as images in `<sweep dir>/tensorboard/_sweep`, and
+    the sweep's hparams experiment."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from torch.utils.tensorboard import SummaryWriter
+
+    from normlab import report
+    from normlab.runs import collect_jobs
+
+    jobs = report.jobs_frame(sweep_dir)
+    scalars = {job: report.read_scalars(sweep_dir / job) for job in jobs["job"]}
+    figures = {
+        "comparison/ics_bands": report.plot_ics(jobs, scalars),
+        "comparison/accuracy": report.plot_curves(jobs, scalars),
+    }
+    run_dir = sweep_dir / SWEEP_RUN
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.file_writer.add_summary(_sweep_experiment(collect_jobs(sweep_dir)))
+        for tag, figure in figures.items():
+            canvas = FigureCanvasAgg(figure)
+            canvas.draw()
+            image = np.asarray(canvas.buffer_rgba())[..., :3]
+            writer.add_image(tag, image, 0, dataformats="HWC")
+    return run_dir
+
+
+def tensorboard_hint(sweep_dir: Path) -> str:
+    """The command that opens this sweep in TensorBoard, and where to look."""
+    return (
+        f"See it in TensorBoard: tensorboard --logdir {sweep_dir}\n"
+        "  http://localhost:6006/#timeseries      comparison figures first (comparison/...)\n"
+        "  http://localhost:6006/#custom_scalars  ICS: p15-p85 band per layer, runs overlaid\n"
+        "  http://localhost:6006/#hparams         every job's choices with val/acc and test/acc"
+    )

@@ -1,0 +1,320 @@
+"""The ICS callbacks: when to measure, where the numbers go, what is kept for `metrics.json`.
+
+- `ICSMonitor` (conf/callbacks/default.yaml, key `ics`): on a fixed probe batch, every N
+  optimizer steps (exactly at steps 0, N, 2N, ..., also when one Lightning batch runs several
+  optimizer steps), the input of each nonlinearity as a histogram and as p15/p50/p85/mean/std
+  scalars, plus each layer's gradient norm and weight histogram.
+- `GradShift` (callbacks=ics): gradient-based ICS (`ics/<layer>/grad_shift`, `grad_cos`).
+- `WeightStats`: gradient norms and weight histograms alone.
+
+Scalars go to every logger, histograms and the custom-scalars dashboard to TensorBoard only. Each
+callback keeps what it logged, so `ics_summary()` can put per-layer numbers in `metrics.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from threadpoolctl import threadpool_limits
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from normlab.ics.measure import (
+    PROBE_MODES,
+    distribution_stats,
+    grad_norm,
+    grad_shift,
+    probe_activations,
+    probe_batch,
+)
+from normlab.ics.summary import activation_summary, grad_shift_summary
+from normlab.runs import Series, read_scalars, sorted_layers
+
+# ---------------------------------------------------------------- cadence
+
+
+class StepCadence:
+    """Every `every_n_steps` optimizer steps, starting at step 0."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def due(self, step: int) -> bool:
+        """Is `step` a multiple of N?"""
+        return step % self.every_n_steps == 0
+
+    def due_within(self, start: int, n_steps: int) -> bool:
+        """Does a multiple of N lie in the steps `start, ..., start + n_steps - 1`?"""
+        next_due = -(-start // self.every_n_steps) * self.every_n_steps
+        return next_due < start + max(n_steps, 1)
+
+
+# ---------------------------------------------------------------- where numbers go
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Send scalars to every logger of the trainer (TensorBoard, CSV, ...) at optimizer `step`."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[SummaryWriter]:
+    """The SummaryWriters of the trainer's TensorBoard loggers (histograms exist only there)."""
+    loggers = trainer.loggers
+    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_histogram(
+    trainer: pl.Trainer, tag: str, values: torch.Tensor, step: int, bins: int
+) -> None:
+    """Histogram of the finite `values` to every TensorBoard logger (histograms exist only there).
+
+    A diverged model has NaN/inf weights and activations; TensorBoard refuses to bin those, and a
+    measurement must never be what fails a run, so they are left out (all of them: no histogram).
+    """
+    values = values.detach().float().cpu().reshape(-1)
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return
+    for writer in tensorboard_writers(trainer):
+        writer.add_histogram(tag, values, step, bins=bins)
+
+
+def log_weight_stats(
+    trainer: pl.Trainer, layers: dict[str, nn.Module], step: int, bins: int | None = 64
+) -> None:
+    """Gradient norm of every layer to every logger; weight histograms (unless `bins` is None)."""
+    norms = {f"grads/{name}/norm": grad_norm(layer) for name, layer in layers.items()}
+    log_scalars(trainer, {tag: n for tag, n in norms.items() if n is not None}, step)
+    if bins is None:
+        return
+    for name, layer in layers.items():
+        log_histogram(trainer, f"weights/{name}", layer.weight, step, bins)
+
+
+# ---------------------------------------------------------------- the TensorBoard dashboard
+
+
+Layout = dict[str, dict[str, list]]
+
+
+def ics_layout(layers: list[str], sections: Layout | None = None, grads: bool = True) -> Layout:
+    """The p15..p85 band (margin chart around p50) of each layer's input, in forward order;
+    then the sections other callbacks contribute; then gradient norms when they are logged."""
+    layout: Layout = {
+        "ICS: input of each nonlinearity (p50, band p15-p85)": {
+            layer: ["Margin", [f"ics/{layer}/p50", f"ics/{layer}/p15", f"ics/{layer}/p85"]]
+            for layer in sorted_layers(layers)
+        },
+        **(sections or {}),
+    }
+    if grads:
+        layout["Gradient norms"] = {"grads": ["Multiline", [r"grads/.*/norm"]]}
+    return layout
+
+
+def write_layout(trainer: pl.Trainer, layers: list[str], grads: bool = True) -> None:
+    """Add the dashboard to every TensorBoard logger of the trainer (rank 0 only), with the
+    sections of every callback that has a `layout_section(layers)`."""
+    if not trainer.is_global_zero:
+        return
+    sections: Layout = {}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "layout_section"):
+            sections.update(callback.layout_section(layers))
+    for writer in tensorboard_writers(trainer):
+        writer.add_custom_scalars(ics_layout(layers, sections, grads))
+
+
+# ---------------------------------------------------------------- recording for metrics.json
+
+
+class RecordingCallback(pl.Callback):
+    """Keeps every scalar it logged (`tag -> {step: value}`) for its `ics_summary()`.
+
+    The record is part of the callback's checkpoint state, so a resumed run summarizes the whole
+    run. Under `ddp_spawn` training happens in child processes and this object (in the parent)
+    never sees a value: it then reads back what rank 0 wrote to the event files under
+    `output_dir`, or summarizes nothing when no `output_dir` was given.
+    """
+
+    def __init__(self, output_dir: str | Path | None = None) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.history: Series = {}
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.history.setdefault(tag, {})[step] = value
+
+    def series(self) -> Series:
+        """What was logged here, or (not trained in this process) what the event files hold."""
+        if self.history or self.output_dir is None or not self.output_dir.exists():
+            return self.history
+        return read_scalars(self.output_dir, prefix="ics/")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {tag: dict(points) for tag, points in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {tag: dict(points) for tag, points in state_dict.get("history", {}).items()}
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class ICSMonitor(RecordingCallback):
+    """Every N optimizer steps, on a fixed probe batch: the distribution entering each
+    nonlinearity (histogram + p15/p50/p85/mean/std), and with `weights=True` the gradient norm
+    and weight histogram of each layer; at the start, the TensorBoard dashboard (`layout=True`).
+
+    One callback does it all: Lightning calls every hook of every callback on every step, and on
+    a small model each extra callback costs more than the measurements themselves.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 200,
+        probe_size: int = 256,
+        histograms: bool = True,
+        bins: int = 64,
+        weights: bool = True,
+        layout: bool = True,
+        probe_mode: str = "batch",
+        output_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(output_dir)
+        if probe_mode not in PROBE_MODES:
+            valid = ", ".join(PROBE_MODES)
+            raise ValueError(f"probe_mode={probe_mode!r} is not valid; choose one of: {valid}")
+        self.probe_mode = probe_mode
+        self.cadence = StepCadence(every_n_steps)
+        self.probe_size = probe_size
+        self.histograms = histograms
+        self.bins = bins  # equal-width bins: 4x cheaper than TensorBoard's default ~1500 buckets
+        self.weights = weights
+        self.layout = layout
+        self.probe: torch.Tensor | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.probe = probe_batch(trainer, self.probe_size)
+        # TensorBoard's histogram summary calls numpy's `dot`, which wakes OpenBLAS's thread pool;
+        # its idle threads then busy-wait for ~0.1 s, stealing the core training runs on. These
+        # dots are tiny: one BLAS thread is all they need (restored at the end of fit).
+        self._blas_threads = threadpool_limits(limits=1, user_api="blas")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        blas_threads = getattr(self, "_blas_threads", None)
+        if blas_threads is not None:
+            blas_threads.restore_original_limits()
+            self._blas_threads = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layout:
+            write_layout(trainer, list(pl_module.nonlinearities()), grads=self.weights)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Called inside every optimizer.step(), before the update: the weights after `step` updates.
+        if self.cadence.due(trainer.global_step):
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The trained model is a point too, so "start -> end" in the summary spans all of training.
+        if not self.cadence.due(trainer.global_step):
+            self.measure(trainer, pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or self.probe is None:
+            return
+        preact, norm_out = probe_activations(pl_module, self.probe, self.probe_mode)
+        self.log_activations(trainer, step, preact)
+        if self.histograms:
+            for layer, x in norm_out.items():
+                log_histogram(trainer, f"norm_out/{layer}", x, step, self.bins)
+        if self.weights:
+            bins = self.bins if self.histograms else None
+            log_weight_stats(trainer, pl_module.weight_layers(), step, bins)
+
+    def log_activations(
+        self, trainer: pl.Trainer, step: int, activations: dict[str, torch.Tensor]
+    ) -> None:
+        metrics = {
+            f"ics/{layer}/{name}": value
+            for layer, x in activations.items()
+            for name, value in distribution_stats(x).items()
+        }
+        log_scalars(trainer, metrics, step)
+        self.record(metrics, step)
+        if self.histograms:
+            for layer, x in activations.items():
+                log_histogram(trainer, f"preact/{layer}", x, step, self.bins)
+
+    def ics_summary(self) -> dict[str, dict[str, float]]:
+        """Per layer: p50 start/end/travel/max shift and the p15-p85 spread at start and end."""
+        return activation_summary(self.series())
+
+
+class GradShift(RecordingCallback):
+    """Logs `ics/<layer>/grad_shift` and `ics/<layer>/grad_cos` every N optimizer steps.
+
+    Measured at the start of a Lightning batch, on its first mini-batch, with the module's real
+    optimizer; with several optimizer steps per batch, at the start of each batch whose steps
+    contain a multiple of N (logged at the batch's first step). The loss is cross-entropy.
+    Rank 0 only, on its own share of the batch.
+    """
+
+    def __init__(self, every_n_steps: int = 200, output_dir: str | Path | None = None) -> None:
+        super().__init__(output_dir)
+        self.cadence = StepCadence(every_n_steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        xs, ys = batch  # stacks of steps_per_call mini-batches: (K, B, ...), (K, B)
+        step = trainer.global_step
+        if not (trainer.is_global_zero and self.cadence.due_within(step, len(xs))):
+            return
+        x, y = xs[0], ys[0]
+        optimizer = pl_module.optimizers(use_pl_optimizer=False)
+        weights = {name: layer.weight for name, layer in pl_module.weight_layers().items()}
+        shifts = grad_shift(pl_module, optimizer, weights, lambda: F.cross_entropy(pl_module(x), y))
+        metrics = {}
+        for name, (shift, cos) in shifts.items():
+            metrics.update({f"ics/{name}/grad_shift": shift, f"ics/{name}/grad_cos": cos})
+        log_scalars(trainer, metrics, step)
+        self.record(metrics, step)
+
+    def layout_section(self, layers: list[str]) -> Layout:
+        """Dashboard charts per layer; the first layer has no gradient shift (nothing before it)."""
+        measured = sorted_layers(layers)[1:]
+        return {
+            "ICS: gradient shift ||G - G'|| (Santurkar et al. 2018)": {
+                f"{layer} {stat}": ["Multiline", [f"ics/{layer}/{stat}"]]
+                for layer in measured
+                for stat in ("grad_shift", "grad_cos")
+            }
+        } if measured else {}
+
+    def ics_summary(self) -> dict[str, dict[str, float]]:
+        """Per layer: mean grad_shift and mean grad_cos over the measured steps."""
+        return grad_shift_summary(self.series())
+
+
+class WeightStats(pl.Callback):
+    """Gradient norms and weight histograms alone, every N optimizer steps (`ICSMonitor`
+    logs them too, with `weights=True`: one callback is cheaper than two)."""
+
+    def __init__(self, every_n_steps: int = 200, histograms: bool = True, bins: int = 64) -> None:
+        self.cadence = StepCadence(every_n_steps)
+        self.bins = bins if histograms else None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and self.cadence.due(step):
+            log_weight_stats(trainer, pl_module.weight_layers(), step, self.bins)
