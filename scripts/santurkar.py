@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normlab.ics.events import Series, read_scalars
+from normlab.runs import Series, read_scalars
 
 NORM_COLORS = {"none": "tab:red", "bn": "tab:blue", "noisy_bn": "tab:green"}
 PERCENTILE_COLORS = {"p85": "tab:red", "p50": "tab:blue", "p15": "tab:green"}

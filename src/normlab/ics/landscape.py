@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normlab.ics.cadence import StepCadence
-from normlab.ics.events import Series, read_scalars
-from normlab.ics.history import RecordingCallback
-from normlab.ics.sinks import log_scalars
+from normlab.ics.callbacks import RecordingCallback, StepCadence, log_scalars
+from normlab.runs import Series, read_scalars
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
