@@ -98,15 +98,16 @@ def early_table(runs: Sequence[Run], early: float) -> str:
         "loss band": lambda r: loss_band(r.series),
         "beta_smooth": lambda r: r.series.get("landscape/beta_smooth", {}),
     }
+    measures = {name: pick for name, pick in measures.items() if any(pick(r) for r in runs)}
     steps = [s for r in runs for s in r.series.get("landscape/grad_pred_max", {})]
+    steps = steps or [s for r in runs for s in r.series.get("val/acc", {})]
     last = max(steps, default=0) * early
     lines = [
         f"First {early:.0%} of training (steps <= {last:.0f}); mean ± std over seeds; ratio = "
         f"norm / none, same seed.",
         "",
-        "| lr | norm | seeds | status | val/acc | "
-        + " | ".join(f"{m} | ratio" for m in measures)
-        + " |",
+        "| " + " | ".join(["lr", "norm", "seeds", "status", "val/acc",
+                           *(f"{m} | ratio" for m in measures)]) + " |",
         "|---|---|---|---|---|" + "---|---|" * len(measures),
     ]
     for lr in sorted({r.lr for r in runs}):
@@ -155,7 +156,8 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
     norms = sorted({r.norm for r in runs}, key=lambda n: (n != "none", n))
     shift_layer = layer_with(runs, "grad_shift", layer)
     band_layer = layer_with(runs, "p50", layer)
-    columns = 5
+    landscape = any("landscape/grad_pred_max" in r.series for r in runs)
+    columns = max(5 if landscape else 2, len(norms))
     fig, axes = plt.subplots(
         len(lrs) + 1, columns, figsize=(4.2 * columns, 3.3 * (len(lrs) + 1)), squeeze=False
     )
@@ -166,6 +168,10 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
         tag = f"ics/{shift_layer}/grad_shift"
         _curves(row[1], at_lr, norms, lambda r, tag=tag: r.series.get(tag, {}), log=True)
         row[1].set(title=f"(b) gradient ICS of {shift_layer}", ylabel="||G - G'||")
+        if not landscape:
+            for ax in row[2:]:
+                ax.axis("off")
+            continue
         _band(row[2], at_lr, norms)
         row[2].set(title="(c) loss along the gradient", ylabel="min..max of L(x - eta g)")
         _curves(row[3], at_lr, norms, lambda r: r.series.get("landscape/grad_pred_max", {}),
