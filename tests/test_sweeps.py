@@ -100,7 +100,8 @@ def test_joblib_launcher_runs_a_four_job_sweep(joblib_sweep):
               for j in jobs}
     assert combos == {(f"norm={n}", f"seed={s}") for n in ("none", "bn") for s in (0, 1)}
     # event files are named ...<host>.<pid>.<n>: the jobs ran in (at most 2) loky workers
-    pids = {p.name.split(".")[-2] for p in sweep_dir.glob("*/tensorboard/events.out.tfevents.*")}
+    events = sweep_dir.glob("[0-9]*/tensorboard/*/events.out.tfevents.*")
+    pids = {p.name.split(".")[-2] for p in events}
     assert 1 <= len(pids) <= 2
     assert "4 jobs: 4 ok" in (sweep_dir / "summary.md").read_text()
 

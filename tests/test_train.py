@@ -40,7 +40,7 @@ def test_train_writes_metrics_json_and_checkpoint(make_cfg, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 74
     tags = event_tags(tmp_path / "tensorboard")
-    assert {"activations/layer1", "activations/layer2"} <= tags["histograms"]
+    assert {"preact/layer1", "preact/layer2"} <= tags["histograms"]
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= tags[
         "scalars"
     ]
@@ -82,10 +82,11 @@ def test_cli_sweep_none_vs_bn(tmp_path):
             f"norm={norm}",
             "trainer.max_epochs=2",
         ]
-        assert {"activations/layer1", "activations/layer2"} <= event_tags(sweep / job)["histograms"]
+        assert {"preact/layer1", "preact/layer2"} <= event_tags(sweep / job)["histograms"]
         assert (sweep / job / ".hydra" / "config.yaml").exists()
     summary = (sweep / "summary.md").read_text()
-    assert "| 0 | norm=none trainer.max_epochs=2 | ok |" in summary and "norm=bn" in summary
+    assert "| 0 | norm=none trainer.max_epochs=2 | ok |" in " ".join(summary.split())
+    assert "norm=bn" in summary
     assert "Sweep summary" in proc.stdout
 
 
