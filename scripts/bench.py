@@ -6,7 +6,9 @@ Keys (see design.md): epoch_vs_seed_loop (lecture-style DataLoader loop / normla
 faster), step_vs_raw_torch (normlab / plain loop over pre-made tensors with default Adam, <1 =
 normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm / torch's),
 ics_logging_overhead (epoch with the ICS callbacks / without), norm_step_time
-(`{"mlp": {norm: epoch time with that norm / with norm=none}, "cnn": {...}}`).
+(`{"mlp": {norm: epoch time with that norm / with norm=none}, "cnn": {...}}`), step_vs_raw_torch_vgg
+and landscape_overhead (vgg_small with BN on 8x8 digits: normlab / plain loop, and normlab with the
+landscape probe at its default cadence / without).
 
 Data is MNIST-shaped (N x 1 x 28 x 28 uint8, made in memory; the real files when present under
 data/MNIST/raw). Each contender runs whole epochs, alternating rounds with the others; its figure
@@ -277,6 +279,65 @@ def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, floa
     return {norm: round(seconds[norm] / seconds["none"], 3) for norm in runs}
 
 
+def digits_tiled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n standardized 8x8 digits (the 1,797 of scikit-learn, repeated): the santurkar_* data."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    repeat = -(-n // len(y))
+    return x.repeat(repeat, 1, 1, 1)[:n].contiguous(), y.repeat(repeat)[:n].contiguous()
+
+
+def raw_vgg_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The plain loop of `raw_loop_epoch` on the very VGG normlab builds (vgg_small, BN)."""
+    from normlab.models.vgg import VGG
+
+    torch.manual_seed(0)
+    model = VGG(tuple(x.shape[1:]), 10, preset="vgg_small", norm="bn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+    def epoch() -> None:
+        model.train()
+        order = torch.randperm(len(y))
+        for start in range(0, len(y) - BATCH + 1, BATCH):
+            index = order[start : start + BATCH]
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+def vgg_figures(quick: bool, out: Path) -> dict[str, float]:
+    """step_vs_raw_torch_vgg (normlab / plain loop) and landscape_overhead (normlab with the
+    landscape probe at its default cadence / without), vgg_small with BN on 8x8 digits."""
+    # epochs of 200 or 400 steps: each holds the same number of probes (every 100 steps)
+    x, y = digits_tiled(BATCH * (200 if quick else 400))
+    # NormlabEpochs' MNIST config with digits' shape; two fits in threads: no live progress bars
+    digits = (
+        "data.name=digits", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"
+    )
+    plain = NormlabEpochs("vgg", x, y, out / "vgg", *digits)
+    probed = NormlabEpochs("vgg", x, y, out / "vgg_landscape", *digits, "callbacks=landscape")
+    try:
+        seconds = race(
+            {"raw_torch": raw_vgg_epoch(x, y), "normlab": plain.epoch, "landscape": probed.epoch},
+            5 if quick else 9,
+        )
+    finally:
+        plain.stop()
+        probed.stop()
+    return {
+        "step_vs_raw_torch_vgg": seconds["normlab"] / seconds["raw_torch"],
+        "landscape_overhead": seconds["landscape"] / seconds["normlab"],
+        "epoch_seconds_vgg": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
 def custom_bn_figures(quick: bool) -> dict[str, float]:
     import bench_custom_bn  # beside this file: scripts/ is on sys.path when run as a script
 
@@ -313,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "mlp": norm_step_times("mlp", n // 4 if args.quick else n // 2, 3, Path(tmp)),
             "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 3, Path(tmp)),
         }
+
+
+        figures.update(vgg_figures(args.quick, Path(tmp)))
     figures.update(custom_bn_figures(args.quick))
     from bench_ics import logging_overhead  # beside this file, like bench_custom_bn
 

@@ -139,6 +139,23 @@ def _validate_model(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}=[] is empty: give at least one size, e.g. {key}=[32,32]")
         if sizes is not None and any(not isinstance(s, int) or s < 1 for s in sizes):
             raise ConfigError(f"{key}={list(sizes)} must be positive integers")
+    if str(_select(cfg, "model._target_")).endswith(".VGG"):
+        _validate_vgg(cfg)
+
+
+def _validate_vgg(cfg: DictConfig) -> None:
+    """model=vgg: a known preset, or a layout of channel counts and 'M', that fits the images."""
+    from normlab.data.registry import dataset_info
+    from normlab.models.vgg import check_layout, resolve_layout
+
+    config = _select(cfg, "model.config")
+    config = OmegaConf.to_container(config) if config is not None else None
+    data = _select(cfg, "data.name")
+    try:
+        name, layout = resolve_layout(_select(cfg, "model.preset"), config)
+        check_layout(name, layout, dataset_info(data).input_shape)
+    except ValueError as error:
+        raise ConfigError(f"{error} (data={data})") from None
 
 
 def steps_per_batch(cfg: DictConfig) -> int:
