@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 
 class Baton:
@@ -140,10 +140,11 @@ def _variant(cfg: DictConfig, with_ics: bool, epochs: int) -> DictConfig:
         name: c for name, c in (cfg.callbacks or {}).items()
         if c is not None and with_ics and c._target_.startswith("normlab.ics.")
     }
-    variant.callbacks = ics
-    variant.trainer.max_epochs = epochs
-    variant.trainer.enable_checkpointing = False
-    variant.trainer.enable_progress_bar = False
+    with open_dict(variant):
+        variant.callbacks = ics
+        variant.trainer.max_epochs = epochs
+        variant.trainer.enable_checkpointing = False
+        variant.trainer.enable_progress_bar = False
     return variant
 
 

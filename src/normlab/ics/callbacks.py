@@ -145,6 +145,8 @@ class RecordingCallback(pl.Callback):
     `output_dir`, or summarizes nothing when no `output_dir` was given.
     """
 
+    prefix = "ics/"  # the tags this callback logs, read back from event files when needed
+
     def __init__(self, output_dir: str | Path | None = None) -> None:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.history: Series = {}
@@ -157,7 +159,7 @@ class RecordingCallback(pl.Callback):
         """What was logged here, or (not trained in this process) what the event files hold."""
         if self.history or self.output_dir is None or not self.output_dir.exists():
             return self.history
-        return read_scalars(self.output_dir, prefix="ics/")
+        return read_scalars(self.output_dir, prefix=self.prefix)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {tag: dict(points) for tag, points in self.history.items()}}

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from normlab.ics.callbacks import RecordingCallback, StepCadence, log_scalars
-from normlab.runs import Series, read_scalars
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
@@ -135,6 +134,8 @@ class LossLandscape(RecordingCallback):
     forward/backward passes per measurement.
     """
 
+    prefix = "landscape/"
+
     def __init__(
         self,
         every_n_steps: int = 100,
@@ -150,21 +151,10 @@ class LossLandscape(RecordingCallback):
         self.cadence = StepCadence(every_n_steps)
         self.num_points = num_points
         self.eta_range = tuple(eta_range)
-        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._first_step = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batch, self._first_step = batch, trainer.global_step
 
     def current_minibatch(self, trainer, pl_module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (x, y) of the optimizer step being run."""
-        current = getattr(pl_module, "current_minibatch", None)
-        if current is not None:
-            return current
-        # Until the module names its mini-batch: the batch is a stack (K, B, ...) of K steps.
-        xs, ys = self._batch
-        k = trainer.global_step - self._first_step
-        return xs[k], ys[k]
+        """The (x, y) of the optimizer step being run (set by the module before its forward)."""
+        return pl_module.current_minibatch
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step
@@ -177,11 +167,6 @@ class LossLandscape(RecordingCallback):
         if metrics:
             log_scalars(trainer, metrics, step)
             self.record(metrics, step)
-
-    def series(self) -> Series:
-        if self.history or self.output_dir is None or not self.output_dir.exists():
-            return self.history
-        return read_scalars(self.output_dir, prefix="landscape/")
 
     def ics_summary(self) -> dict[str, dict[str, float]]:
         """`{"landscape": {"<measure>_mean": mean over the measured steps, ...}}`."""

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from normlab.models.backbones import Backbone, Block, Spec, init_weights, make_activation, make_norm
+from normlab.models.backbones import (
+    Backbone,
+    Block,
+    Spec,
+    init_weights,
+    make_activation,
+    make_norm,
+    norm_position,
+)
 
 Layout = Sequence[int | str]
 
@@ -108,16 +116,13 @@ class VGG(Backbone):
 def conv_block(
     c_in: int, c_out: int, norm: Spec, activation: Spec, dropout: float, pooled: bool
 ) -> Block:
-    """One VGG layer; the norm spec goes through unchanged (its options reach the norm layer,
-    its `position`, pre or post the activation, reaches the block)."""
-    position = {} if isinstance(norm, str) or "position" not in norm else {
-        "position": norm["position"]
-    }
+    """One VGG layer: conv -> norm -> activation (or conv -> activation -> norm with
+    `norm.position=post`) -> dropout -> [max-pool]."""
     return Block(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
         make_norm(norm, c_out, 2),
         make_activation(activation),
         dropout,
         nn.MaxPool2d(2) if pooled else None,
-        **position,
+        position=norm_position(norm),
     )
