@@ -58,7 +58,7 @@ def test_santurkar_cpu_experiments_scale_the_same_recipe():
 @pytest.mark.slow
 def test_santurkar_landscape_bn_has_the_more_predictive_gradient(tmp_path):
     proc = run_cli(
-        "-m", "experiment=santurkar_landscape", "hydra.sweeper.params.lr=0.1",
+        "-m", "experiment=santurkar_landscape", "hydra.sweeper.params.lr=0.5",
         "trainer.max_steps=200", f"hydra.sweep.dir={tmp_path}", timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -171,7 +171,8 @@ def test_ddp_cpu_in_a_multirun_leaves_one_dir_per_job(tmp_path):
     out = sweep(tmp_path / "s", "trainer=ddp_cpu", "seed=0,1", "trainer.max_epochs=1",
                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["0", "1"]
+    dirs = sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir())
+    assert dirs == ["0", "1", "tensorboard"]  # the jobs and the sweep's _sweep run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no stray outputs/ from ranks
     assert [j["status"] for j in collect_jobs(tmp_path / "s")] == ["ok", "ok"]
 
