@@ -22,9 +22,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import CONFIG_DIR
+from normlab.resolvers import register_resolvers
 from normlab.validate import ConfigError, check_group_choices, validate
 
 log = logging.getLogger("normlab")
+register_resolvers()  # before Hydra composes; joblib workers import this module too
 
 # Hydra 1.3 warns once per process that our same-named launcher overrides (conf/hydra/launcher/)
 # are "validated against ConfigStore schema"; that is intended. Module level, so joblib's worker
