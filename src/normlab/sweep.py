@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from normlab.atomic import atomic_write_bytes
+
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
 # ICS numbers of the last hidden layer (the BN paper's Fig. 1 layer), from metrics.json "ics".
 ICS_COLUMNS = ("p50_travel", "grad_shift_mean")
@@ -65,6 +67,8 @@ def _status_cell(row: dict[str, Any]) -> str:
     status = row.get("status", "")
     if status == "failed" and row.get("error"):
         return f"failed: {row['error']}".replace("|", "/")
+    if status == "interrupted" and row.get("signal"):
+        return f"interrupted ({row['signal']})"
     if status == "diverged" and row.get("diverged_at_step") is not None:
         return f"diverged at step {row['diverged_at_step']}"
     return _cell(status)
@@ -96,16 +100,24 @@ def status_line(rows: list[dict[str, Any]]) -> str:
     return f"{len(rows)} jobs: {', '.join(parts)}"
 
 
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write `<sweep dir>/summary.md` for the jobs found there, print it, return its rows.
+    Also called by normlab.cli when a signal stops a sweep before Hydra's end of the sweep."""
+    rows = collect_jobs(sweep_dir)
+    table = summary_table(rows)
+    counts = status_line(rows)
+    atomic_write_bytes(
+        sweep_dir / "summary.md", f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}".encode()
+    )
+    print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+    return rows
+
+
 class SweepSummary(Callback):
     """`on_multirun_end`: write `<sweep dir>/summary.md`, print it, exit 1 if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect_jobs(sweep_dir)
-        table = summary_table(rows)
-        counts = status_line(rows)
-        (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}")
-        print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+        rows = write_summary(Path(config.hydra.sweep.dir))
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:
             print(f"normlab: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)

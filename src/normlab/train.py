@@ -21,9 +21,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from normlab.atomic import atomic_write_bytes
 from normlab.config import CONFIG_DIR
 from normlab.resolvers import register_resolvers
-from normlab.validate import ConfigError, check_group_choices, validate
+from normlab.signals import RunInterrupted, interruption_recorded, is_launcher_process
+from normlab.validate import ConfigError, validate
 
 log = logging.getLogger("normlab")
 register_resolvers()  # before Hydra composes; joblib workers import this module too
@@ -44,9 +46,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "failed", "overrides": _task_overrides()}
     started = time.perf_counter()
     try:
-        validate(cfg)
-        result.update(_fit_and_test(cfg, output_dir))
-        result["status"] = "diverged" if "diverged_at_step" in result else "ok"
+        with interruption_recorded(result):  # SIGTERM/SIGINT: status interrupted, RunInterrupted
+            validate(cfg)
+            result.update(_fit_and_test(cfg, output_dir))
+            result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
         result["error"] = _one_line(error)
         raise
@@ -96,7 +99,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.load()  # missing files fail here, before a model or trainer exists
     module = build_module(cfg, datamodule)
-    trainer, callbacks = build_trainer(cfg)
+    trainer, callbacks = build_trainer(cfg, run_safety_callbacks(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_metrics = _scalars(trainer.callback_metrics)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -107,6 +110,14 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = _ics_summary(callbacks)
     return summary
+
+
+def run_safety_callbacks(cfg: DictConfig) -> list[Any]:
+    """Save-and-stop on SIGTERM/SIGINT; the composed config inside every checkpoint."""
+    from normlab.resume import StoreConfig
+    from normlab.signals import StopOnSignal
+
+    return [StopOnSignal(), StoreConfig(cfg)]
 
 
 def _ics_summary(callbacks: list[Any]) -> dict[str, dict[str, float]]:
@@ -203,10 +214,8 @@ def _one_line(error: BaseException) -> str:
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite_or_null(metrics), indent=2, default=float) + "\n")
-    tmp.replace(path)
-    return path
+    text = json.dumps(_finite_or_null(metrics), indent=2, default=float) + "\n"
+    return atomic_write_bytes(path, text.encode())
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -231,6 +240,10 @@ def _is_multirun() -> bool:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
+    except RunInterrupted:
+        if is_launcher_process():
+            raise  # normlab.cli writes the sweep summary and exits 130/143
+        return float("nan")  # a joblib worker: the launcher process stops the sweep
     except Exception as error:
         message = _one_line(error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -246,12 +259,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Command line entry point (`python train.py`, `normlab-train`)."""
-    try:
-        check_group_choices(sys.argv[1:], CONFIG_DIR)
-    except ConfigError as error:
-        print(f"normlab: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+    from normlab.cli import run_command_line
+
+    run_command_line(_hydra_main, sys.argv[1:])
 
 
 if __name__ == "__main__":

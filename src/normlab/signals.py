@@ -1,0 +1,230 @@
+"""SIGTERM and SIGINT (a scheduler's preemption, `timeout`, Ctrl-C) stop a run without losing it.
+
+While a model trains, the first signal only sets a flag; `StopOnSignal` sees it after the
+current Lightning step, saves `checkpoints/last.ckpt` (mid-epoch if need be; atomically, see
+`normlab.checkpoints`) and stops the run. Outside training (start-up, data loading, between
+jobs) the signal stops at once. A second signal always stops at once.
+
+The run is then recorded `status: interrupted` with the signal's name and the checkpoint
+(`interruption_recorded`), and `RunInterrupted` travels up to the command line, which writes the
+sweep's summary.md for the jobs that ran and exits 128 + the signal's number (130 for SIGINT,
+143 for SIGTERM); see `normlab.cli`.
+
+In a sweep, a signal stops the whole sweep: the running job saves and stops, jobs not started
+yet are skipped. Jobs in other processes (hydra/launcher=joblib) learn of it from a marker file
+`<sweep dir>/.interrupted` that the signalled process writes; they check it after every step.
+
+Lightning registers its own SIGTERM handler during `fit` and calls ours after it; it then raises
+its `SIGTERMException` (a `SystemExit` with code 0) at its own check points: ours runs first at a
+step's end, and `as_interruption` turns Lightning's exception into ours elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger("normlab")
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+MARKER = ".interrupted"
+LAUNCHER_PID = "NORMLAB_LAUNCHER_PID"  # the command line's process; set by normlab.cli
+
+
+class _State:
+    signum: int | None = None  # the first signal received by this process
+    training: int = 0  # > 0 while StopOnSignal watches the steps
+    checkpoint: Path | None = None  # saved by StopOnSignal
+    step: int | None = None
+
+
+class RunInterrupted(BaseException):
+    """A run or sweep stopped by a signal. BaseException, like KeyboardInterrupt: no `except
+    Exception` on the way up mistakes it for the run's own failure."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
+        super().__init__(self.message)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        if self.checkpoint is None:
+            return f"interrupted by {self.name} before training started: nothing was trained"
+        return (
+            f"interrupted by {self.name} at optimizer step {self.step}; saved {self.checkpoint} "
+            f"(resume with ckpt_path={self.checkpoint})"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The keys it sets in metrics.json."""
+        return {
+            "status": "interrupted",
+            "signal": self.name,
+            "error": self.message,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        }
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in HANDLED:
+        if signal.getsignal(signum) is not _handler:
+            signal.signal(signum, _handler)
+
+
+def _handler(signum: int, frame: Any) -> None:
+    first = _State.signum is None
+    if first:
+        _State.signum = signum
+        _mark_sweep(signum)
+    if first and (_State.training or _jobs_run_elsewhere()):
+        log.warning(
+            "normlab: %s received: stopping after the current step (again to stop at once)",
+            signal.Signals(signum).name,
+        )
+        return
+    raise RunInterrupted(signum)
+
+
+def received() -> int | None:
+    """The signal this process received, if any."""
+    return _State.signum
+
+
+def stop_requested() -> int | None:
+    """The signal that stops this run: received here, or by another process of the sweep."""
+    if _State.signum is not None:
+        return _State.signum
+    marker = _sweep_marker()
+    if marker is not None and marker.is_file():
+        name = marker.read_text().strip() or "SIGTERM"
+        return int(getattr(signal.Signals, name, signal.SIGTERM))
+    return None
+
+
+def is_launcher_process() -> bool:
+    """True in the command line's own process (and when there is no command line: tests)."""
+    return os.environ.get(LAUNCHER_PID, str(os.getpid())) == str(os.getpid())
+
+
+def _multirun_config() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    config = HydraConfig.get()
+    return config if config.mode == RunMode.MULTIRUN else None
+
+
+def _sweep_marker() -> Path | None:
+    config = _multirun_config()
+    if config is None or "submitit" in str(config.launcher.get("_target_", "")):
+        return None  # a SLURM job's signal is its own (preemption): the others go on
+    return Path(config.sweep.dir) / MARKER
+
+
+def _mark_sweep(signum: int) -> None:
+    with contextlib.suppress(Exception):
+        marker = _sweep_marker()
+        if marker is not None and marker.parent.is_dir():
+            marker.write_text(signal.Signals(signum).name + "\n")
+
+
+def _jobs_run_elsewhere() -> bool:
+    """In the process that launched a sweep whose jobs run in worker processes: wait for them
+    to save and stop, then write the summary."""
+    config = _multirun_config()
+    if config is None or not is_launcher_process():
+        return False
+    return "BasicLauncher" not in str(config.launcher.get("_target_", ""))
+
+
+def as_interruption(error: BaseException) -> RunInterrupted | None:
+    """`error` as a RunInterrupted when a signal caused it, else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(error, RunInterrupted):
+        return error
+    signum = _State.signum
+    if isinstance(error, SIGTERMException):
+        signum = signum or signal.SIGTERM
+    elif isinstance(error, KeyboardInterrupt):
+        signum = signum or signal.SIGINT
+    else:
+        return None
+    return RunInterrupted(signum, _State.checkpoint, _State.step)
+
+
+@contextlib.contextmanager
+def interruption_recorded(result: dict[str, Any]) -> Iterator[None]:
+    """Around one run: a signal, now or during it, sets `result`'s status to interrupted and
+    raises RunInterrupted; a sweep already told to stop does not start this run."""
+    install()
+    _State.checkpoint = _State.step = None
+    try:
+        signum = stop_requested()
+        if signum is not None:
+            raise RunInterrupted(signum)
+        yield
+    except BaseException as error:
+        stop = as_interruption(error)
+        if stop is None:
+            raise
+        result.update(stop.record())
+        if stop is error:
+            raise
+        raise stop from error
+
+
+class StopOnSignal(Callback):
+    """At the end of each Lightning step, if a signal came: save last.ckpt and stop the run."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        _State.training += 1
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            _State.training = max(0, _State.training - 1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        signum = stop_requested()
+        if signum is not None:
+            self._save(trainer)
+            raise RunInterrupted(signum, _State.checkpoint, _State.step)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Lightning stopped at one of its own check points (e.g. during validation)
+        stopped = isinstance(exception, SIGTERMException | KeyboardInterrupt)
+        if stopped and _State.checkpoint is None:
+            self._save(trainer)
+
+    @staticmethod
+    def _save(trainer: Any) -> None:
+        callback = trainer.checkpoint_callback
+        folder = callback.dirpath if callback else Path(trainer.default_root_dir, "checkpoints")
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)
+        _State.checkpoint, _State.step = path, trainer.global_step
