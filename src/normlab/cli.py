@@ -78,8 +78,5 @@ def _stopped(stop: signals.RunInterrupted, summary_written: bool = False) -> NoR
 
 
 def _sweep_dir() -> Path | None:
-    config = signals._multirun_config()
-    if config is None:
-        return None
-    folder = Path(config.sweep.dir)
-    return folder if folder.is_dir() else None
+    sweep = signals.sweep_info()
+    return sweep[0] if sweep is not None and sweep[0].is_dir() else None

@@ -30,7 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 
 log = logging.getLogger("normlab")
 
@@ -44,6 +46,7 @@ class _State:
     training: int = 0  # > 0 while StopOnSignal watches the steps
     checkpoint: Path | None = None  # saved by StopOnSignal
     step: int | None = None
+    sweep: tuple[Path, str] | None = None  # (sweep dir, launcher _target_) in the launcher process
 
 
 class RunInterrupted(BaseException):
@@ -127,21 +130,31 @@ def is_launcher_process() -> bool:
     return os.environ.get(LAUNCHER_PID, str(os.getpid())) == str(os.getpid())
 
 
-def _multirun_config() -> Any:
+class SweepSignals(HydraCallback):
+    """Hydra callback: tells this module, in the process that launches a sweep, where the sweep
+    lives and how its jobs run (Hydra sets its job config only while a job runs in-process)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _State.sweep = (Path(config.hydra.sweep.dir), str(config.hydra.launcher._target_))
+        (_State.sweep[0] / MARKER).unlink(missing_ok=True)  # from an earlier, stopped sweep
+
+
+def sweep_info() -> tuple[Path, str] | None:
+    """(sweep dir, launcher `_target_`) when this process runs or launches a sweep's jobs."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return None
-    config = HydraConfig.get()
-    return config if config.mode == RunMode.MULTIRUN else None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        config = HydraConfig.get()
+        return Path(config.sweep.dir), str(config.launcher.get("_target_", ""))
+    return _State.sweep
 
 
 def _sweep_marker() -> Path | None:
-    config = _multirun_config()
-    if config is None or "submitit" in str(config.launcher.get("_target_", "")):
+    sweep = sweep_info()
+    if sweep is None or "submitit" in sweep[1]:
         return None  # a SLURM job's signal is its own (preemption): the others go on
-    return Path(config.sweep.dir) / MARKER
+    return sweep[0] / MARKER
 
 
 def _mark_sweep(signum: int) -> None:
@@ -154,10 +167,8 @@ def _mark_sweep(signum: int) -> None:
 def _jobs_run_elsewhere() -> bool:
     """In the process that launched a sweep whose jobs run in worker processes: wait for them
     to save and stop, then write the summary."""
-    config = _multirun_config()
-    if config is None or not is_launcher_process():
-        return False
-    return "BasicLauncher" not in str(config.launcher.get("_target_", ""))
+    sweep = sweep_info()
+    return sweep is not None and is_launcher_process() and "BasicLauncher" not in sweep[1]
 
 
 def as_interruption(error: BaseException) -> RunInterrupted | None:
