@@ -44,11 +44,16 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
 def read_job(job_dir: Path) -> dict[str, Any]:
     """A job's metrics.json, or a `failed` record when the job never wrote one."""
     path = job_dir / "metrics.json"
+    error = NO_METRICS
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as problem:  # one bad file must not sink the whole sweep
+            error = f"unreadable metrics.json: {' '.join(str(problem).split())[:120]}"
+            print(f"normlab: {path}: {error}; counted as failed", file=sys.stderr)
     overrides = job_dir / ".hydra" / "overrides.yaml"
     listed = OmegaConf.to_container(OmegaConf.load(overrides)) if overrides.is_file() else []
-    return {"status": "failed", "error": NO_METRICS, "overrides": listed}
+    return {"status": "failed", "error": error, "overrides": listed}
 
 
 def _job_key(name: str) -> tuple[int, str]:
