@@ -8,10 +8,14 @@ target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+FULL_BELOW = 1 << 20  # bytes free after a failed write: the disk is full
 
 
 @contextlib.contextmanager
@@ -25,8 +29,14 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(target.parent).free if target.parent.is_dir() else None
+        if isinstance(error, Exception) and free is not None and free < FULL_BELOW:
+            # torch.save reports a full disk as "unexpected pos ..." without errno
+            raise OSError(
+                errno.ENOSPC, f"no space left on the device ({free} bytes free); {target} unchanged"
+            ) from error
         raise
 
 

@@ -1,4 +1,8 @@
-"""Checkpoints that are never torn: written beside their target, then renamed over it.
+"""Checkpoints that are never torn or lost, and say what they were trained with.
+
+`AtomicModelCheckpoint`/`AtomicCheckpointIO`: written beside their target, then renamed over it.
+`StopOnSignal`: on SIGTERM/SIGINT, save last.ckpt at the end of the current step and stop
+(see `normlab.signals`). `StoreConfig`: the run's config inside every checkpoint (`normlab.resume`).
 
 Lightning's own `TorchCheckpointIO` writes through an fsspec transaction whose temporary file
 lies under the system temp dir; when the output dir is on another filesystem the final step is a
@@ -13,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig
 
+from normlab import resume, signals
 from normlab.atomic import atomic_torch_save
 
 
@@ -41,3 +47,46 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class StopOnSignal(Callback):
+    """At the end of each Lightning step, if a signal came: save last.ckpt and stop the run."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        signals.watch_steps(True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            signals.watch_steps(False)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        signum = signals.stop_requested()
+        if signum is not None:
+            self._save(trainer)
+            raise signals.interruption(signum)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Lightning stopped at one of its own check points (e.g. during validation)
+        stopped = isinstance(exception, SIGTERMException | KeyboardInterrupt)
+        if stopped and not signals.has_saved():
+            self._save(trainer)
+
+    @staticmethod
+    def _save(trainer: Any) -> None:
+        callback = trainer.checkpoint_callback
+        folder = callback.dirpath if callback else Path(trainer.default_root_dir, "checkpoints")
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)
+        signals.checkpoint_saved(path, trainer.global_step)
+
+
+class StoreConfig(Callback):
+    """Save the run's composed config (resolved, plain containers) in each checkpoint."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = resume.plain_config(cfg)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[resume.CONFIG_KEY] = self.config

@@ -218,5 +218,5 @@ def check_output_dir(cfg: DictConfig, mode: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={folder}: cannot create it: {existing} is not writable")
     free = shutil.disk_usage(existing).free
-    if free < 64 * 1024:
+    if free < 16 * 1024:
         raise ConfigError(f"{key}={folder}: the filesystem is full ({free} bytes free)")

@@ -12,8 +12,9 @@ change what the checkpoint means is refused in one line.
 - A checkpoint whose run already reached `trainer.max_epochs` (or `max_steps`): nothing to do.
   `ResumeFinished` says so; the command line exits 0 without creating a run dir.
 
-`StoreConfig` (a Lightning callback) writes the composed config into every checkpoint as plain
-containers under `normlab_config`, so `torch.load(..., weights_only=True)` still reads it.
+`normlab.checkpoints.StoreConfig` (a Lightning callback) writes the composed config into every
+checkpoint as plain containers under `normlab_config`, so `torch.load(..., weights_only=True)`
+still reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.validate import ConfigError
@@ -36,16 +36,6 @@ IGNORED = ("model.norm", "model.activation", "model.init", "model.dropout")
 
 class ResumeFinished(ConfigError):
     """The checkpoint's run already trained as far as the config asks: nothing to resume."""
-
-
-class StoreConfig(Callback):
-    """Save the run's composed config (resolved, plain containers) in each checkpoint."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.config = plain_config(cfg)
-
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = self.config
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """SIGTERM and SIGINT (a scheduler's preemption, `timeout`, Ctrl-C) stop a run without losing it.
 
-While a model trains, the first signal only sets a flag; `StopOnSignal` sees it after the
+While a model trains, the first signal only sets a flag; `normlab.checkpoints.StopOnSignal`
+sees it after the
 current Lightning step, saves `checkpoints/last.ckpt` (mid-epoch if need be; atomically, see
 `normlab.checkpoints`) and stops the run. Outside training (start-up, data loading, between
 jobs) the signal stops at once. A second signal always stops at once.
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("normlab")
@@ -109,6 +109,24 @@ def _handler(signum: int, frame: Any) -> None:
     raise RunInterrupted(signum)
 
 
+def watch_steps(active: bool) -> None:
+    """While active (a model is fitting), the first signal only asks to stop after the step."""
+    _State.training = _State.training + 1 if active else max(0, _State.training - 1)
+
+
+def checkpoint_saved(path: Path, step: int) -> None:
+    _State.checkpoint, _State.step = path, step
+
+
+def has_saved() -> bool:
+    return _State.checkpoint is not None
+
+
+def interruption(signum: int) -> RunInterrupted:
+    """The RunInterrupted for `signum`, with the checkpoint saved for it, if any."""
+    return RunInterrupted(signum, _State.checkpoint, _State.step)
+
+
 def received() -> int | None:
     """The signal this process received, if any."""
     return _State.signum
@@ -184,7 +202,7 @@ def as_interruption(error: BaseException) -> RunInterrupted | None:
         signum = signum or signal.SIGINT
     else:
         return None
-    return RunInterrupted(signum, _State.checkpoint, _State.step)
+    return interruption(signum)
 
 
 @contextlib.contextmanager
@@ -206,36 +224,3 @@ def interruption_recorded(result: dict[str, Any]) -> Iterator[None]:
         if stop is error:
             raise
         raise stop from error
-
-
-class StopOnSignal(Callback):
-    """At the end of each Lightning step, if a signal came: save last.ckpt and stop the run."""
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        _State.training += 1
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            _State.training = max(0, _State.training - 1)
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        signum = stop_requested()
-        if signum is not None:
-            self._save(trainer)
-            raise RunInterrupted(signum, _State.checkpoint, _State.step)
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        # Lightning stopped at one of its own check points (e.g. during validation)
-        stopped = isinstance(exception, SIGTERMException | KeyboardInterrupt)
-        if stopped and _State.checkpoint is None:
-            self._save(trainer)
-
-    @staticmethod
-    def _save(trainer: Any) -> None:
-        callback = trainer.checkpoint_callback
-        folder = callback.dirpath if callback else Path(trainer.default_root_dir, "checkpoints")
-        path = Path(folder) / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
-        _State.checkpoint, _State.step = path, trainer.global_step

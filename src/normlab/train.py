@@ -114,8 +114,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 def run_safety_callbacks(cfg: DictConfig) -> list[Any]:
     """Save-and-stop on SIGTERM/SIGINT; the composed config inside every checkpoint."""
-    from normlab.resume import StoreConfig
-    from normlab.signals import StopOnSignal
+    from normlab.checkpoints import StopOnSignal, StoreConfig
 
     return [StopOnSignal(), StoreConfig(cfg)]
 
