@@ -6,6 +6,7 @@ Each test drives the real command line (or sends a real signal to a real process
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -51,13 +52,14 @@ def popen(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
     )
 
 
-def wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for(pattern: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until a file matching `pattern` (a glob) exists, while `proc` runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if list(path_glob.parent.glob(path_glob.name)):
+        if glob.glob(str(pattern)):
             return
         time.sleep(0.05)
-    raise AssertionError(f"{path_glob} never appeared (process exit {proc.poll()})")
+    raise AssertionError(f"{pattern} never appeared (process exit {proc.poll()})")
 
 
 def metrics(run_dir: Path) -> dict:

@@ -45,6 +45,8 @@ def _checked_then_run(hydra_main: Callable[[], Any], argv: list[str]) -> None:
         print(f"normlab: {finished}", file=sys.stderr)
         sys.exit(0)
     except ConfigError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         _fail(str(error), 2)
     try:
         hydra_main()
