@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
+from normlab.config import CONFIG_DIR
 from normlab.train import train
 
 QUIET = ("callbacks.progress_bar=null",)
@@ -126,9 +127,9 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_signal_stops_a_sweep_with_its_summary(tmp_path, launcher):
-    """SIGINT to the process group (Ctrl-C) under the in-process launcher, SIGTERM to the
-    launching process alone under joblib (a scheduler): each running job saves and stops, jobs
-    not started are skipped, summary.md lists them, the exit code names the signal."""
+    """SIGTERM to the process alone (a scheduler) under the in-process launcher, SIGINT to the
+    process group (Ctrl-C) under joblib, workers included: each running job saves and stops,
+    jobs not started are skipped, summary.md lists them, the exit code names the signal."""
     sweep = tmp_path / "sweep"
     extra = ["hydra/launcher=joblib"] if launcher == "joblib" else []
     proc = popen("-m", *extra, "norm=none,bn,custom_bn", "trainer.max_epochs=500",
@@ -136,11 +137,11 @@ def test_signal_stops_a_sweep_with_its_summary(tmp_path, launcher):
     wait_for(sweep / "*" / "checkpoints" / "last.ckpt", proc)
     time.sleep(1.0)
     if launcher == "basic":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
         proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=180)
-    expected = ("SIGINT", 130) if launcher == "basic" else ("SIGTERM", 143)
+    expected = ("SIGTERM", 143) if launcher == "basic" else ("SIGINT", 130)
     assert proc.returncode == expected[1], err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     summary = (sweep / "summary.md").read_text()
@@ -265,11 +266,15 @@ def test_experiment_in_ones_own_folder(tmp_path, how):
     ],
 )
 def test_experiment_file_mistakes_are_one_line(tmp_path, text, parts):
-    (tmp_path / "experiment").mkdir()
-    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\n" + text)
-    proc = run_cli("--config-dir", str(tmp_path), "experiment=typo",
-                   f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
-    assert_one_line_error(proc, *parts)
+    # in normlab's own conf/experiment/, as a user of a checkout would write it
+    name = f"_test_typo_{os.getpid()}"
+    path = CONFIG_DIR / "experiment" / f"{name}.yaml"
+    path.write_text("# @package _global_\n" + text)
+    try:
+        proc = run_cli(f"experiment={name}", f"hydra.run.dir={tmp_path / 'run'}")
+    finally:
+        path.unlink()
+    assert_one_line_error(proc, *(p.replace("typo.yaml", f"{name}.yaml") for p in parts))
     assert not (tmp_path / "run").exists()
 
 
