@@ -45,7 +45,7 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
     config_name = args.config_name or "train"
     try:
         for overrides in _expanded(args.overrides):
-            cfg = _compose(hydra, config_name, overrides)
+            cfg = _compose(hydra, config_name, overrides, args.multirun)
             check_known_keys(hydra, config_name, cfg, overrides)
             check_output_dir(cfg, "sweep" if args.multirun else "run")
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
@@ -95,13 +95,16 @@ def _values(override: Any) -> list[str]:
     return []  # glob or interval (optuna): left to Hydra and to each job's own check
 
 
-def _compose(hydra: Any, config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(
+    hydra: Any, config_name: str, overrides: list[str], multirun: bool = False
+) -> DictConfig:
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from hydra.types import RunMode
     from yaml import MarkedYAMLError
 
     try:
-        return hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
+        mode = RunMode.MULTIRUN if multirun else RunMode.RUN  # launcher/sweeper groups in -m only
+        return hydra.compose_config(config_name, overrides, run_mode=mode)
     except MissingConfigException as error:
         raise ConfigError(_missing_message(error, overrides)) from error
     except MarkedYAMLError as error:
@@ -158,7 +161,8 @@ def check_known_keys(hydra: Any, config_name: str, cfg: DictConfig, overrides: l
         return
     groups = [f"{g}={c}" for g, c in choices.items() if _is_task_group(g) and c is not None]
     groups = [g for g in groups if not g.startswith("experiment=")]
-    values = [o for o in overrides if "=" in o and o.split("=")[0].lstrip("~+") not in choices]
+    keys = {o: o.split("=")[0].lstrip("~+") for o in overrides if "=" in o}
+    values = [o for o, k in keys.items() if not k.startswith("hydra") and k not in choices]
     reference = _compose(hydra, config_name, [*groups, *values])
     added = {o.split("=")[0].lstrip("+") for o in overrides if o.startswith("+")}
     for key in _unknown_keys(cfg, reference):
