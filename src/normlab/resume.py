@@ -55,9 +55,9 @@ def check_resume(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
     if saved is not None:
         current = plain_config(cfg)
         for kind, keys, advice in (
-            ("the architecture", ARCHITECTURE, "its weights belong to its own network"),
+            ("the architecture differs", ARCHITECTURE, "its weights belong to its own network"),
             (
-                "the optimizer settings",
+                "the optimizer settings differ",
                 OPTIMIZER,
                 "the optimizer state (lr included) is restored from the checkpoint",
             ),
@@ -65,7 +65,7 @@ def check_resume(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
             differing = _differences({k: saved.get(k) for k in keys}, current, keys)
             if differing:
                 raise ConfigError(
-                    f"ckpt_path={path}: {kind} differ(s) from the checkpoint's: "
+                    f"ckpt_path={path}: {kind} from the checkpoint's: "
                     f"{'; '.join(differing)} ({advice}); resume with the checkpoint's values, "
                     f"or drop ckpt_path to start a fresh run"
                 )
