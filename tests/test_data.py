@@ -134,3 +134,68 @@ def test_missing_cifar_names_its_batches(tmp_path):
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="data='foo' is not valid; choose one of: digits, mnist"):
         NormLabDataModule(name="foo")
+
+
+def write_raw_mnist(raw: Path, n_images: int = 30, n_labels: int = 30) -> None:
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        header = struct.pack(">IIII", 2051, n_images, 28, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + bytes(n_images * 784))
+        labels = struct.pack(">II", 2049, n_labels) + bytes(i % 10 for i in range(n_labels))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("count", r"train-labels-idx1-ubyte holds 25 labels but train-images-idx3-ubyte holds 30"),
+        ("magic", r"t10k-images-idx3-ubyte: magic number 0x00000801, expected 0x00000803"),
+        ("truncate", r"train-images-idx3-ubyte: 10000 bytes, but its header announces 30 images"),
+    ],
+)
+def test_broken_idx_files_are_named_with_what_is_wrong(tmp_path, damage, message):
+    from normlab.data.checks import DatasetFileError
+
+    raw = tmp_path / "MNIST" / "raw"
+    write_raw_mnist(raw)
+    if damage == "count":
+        (raw / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, 25) + bytes(25))
+    elif damage == "magic":
+        path = raw / "t10k-images-idx3-ubyte"
+        path.write_bytes(struct.pack(">I", 2049) + path.read_bytes()[4:])
+    else:
+        path = raw / "train-images-idx3-ubyte"
+        path.write_bytes(path.read_bytes()[:10000])
+    with pytest.raises(DatasetFileError, match=message) as info:
+        dataset_info("mnist").load(tmp_path, False)
+    assert "\n" not in str(info.value)
+
+
+def write_cifar(folder: Path) -> None:
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    folder.mkdir(parents=True)
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+
+
+def test_cifar_folder_missing_one_batch_names_only_that_batch(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetMissingError) as info:
+        dataset_info("cifar10").load(tmp_path, False)
+    message = str(info.value)
+    assert "put data_batch_3 into" in message and "data_batch_1" not in message
+
+
+def test_cifar_batch_that_is_not_the_release_file_is_named(tmp_path):
+    from normlab.data.checks import DatasetFileError
+
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(DatasetFileError, match=r"data_batch_1: not the CIFAR10 release file"):
+        dataset_info("cifar10").load(tmp_path, False)

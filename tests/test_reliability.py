@@ -90,7 +90,7 @@ def test_truncated_checkpoint_gives_a_clear_error(make_cfg, tmp_path):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     proc = run_cli(f"ckpt_path={broken}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # 2: refused before any work
     assert f"normlab: error: ckpt_path={broken}: not a loadable checkpoint" in proc.stderr
 
 

@@ -98,7 +98,7 @@ def test_validation_names_preset_and_data(make_cfg):
 
 def test_cli_too_deep_preset_is_one_line_without_traceback(tmp_path):
     proc = run_cli("model=vgg", "model.preset=vgg11", f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error: refused before any work
     assert "Traceback" not in proc.stderr
     assert "normlab: error: model.preset=vgg11 pools 5 times" in proc.stderr
 

@@ -38,12 +38,6 @@ def run_name() -> str:
     return str(HydraConfig.get().job.override_dirname).replace("/", "_")
 
 
-def register_resolvers() -> None:
-    """`${run_name:}` in configs (conf/logger/tensorboard.yaml)."""
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
-
-
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The choices that make runs differ: group options (by name) and the key numbers."""
     choices = _group_choices()

@@ -33,17 +33,14 @@ Series = dict[str, dict[int, float]]  # tag -> {optimizer step: value}
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
-    """Write `<output_dir>/metrics.json` atomically (a temporary file beside it, then rename)."""
+    """Write `<output_dir>/metrics.json` atomically (a temporary file beside it, then rename;
+    never a half-written or left-over temporary file, also on a full disk)."""
+    from normlab.atomic import atomic_write_bytes
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    try:
-        tmp.write_text(json.dumps(finite_or_null(metrics), indent=2, default=float) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written .tmp behind
-    return path
+    text = json.dumps(finite_or_null(metrics), indent=2, default=float) + "\n"
+    return atomic_write_bytes(output_dir / METRICS_FILE, text.encode())
 
 
 def finite_or_null(value: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from normlab.atomic import atomic_write_bytes
 from normlab.runs import STATUSES, collect_jobs, last_hidden_layer, markdown
 
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
@@ -39,6 +40,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def _status_cell(row: dict[str, Any]) -> str:
     status = str(row.get("status", ""))
+    if status == "interrupted" and row.get("signal"):
+        return f"interrupted ({row['signal']})"
     if status in ("failed", "interrupted") and row.get("error"):
         return f"{status}: {row['error']}"
     if status == "diverged" and row.get("diverged_at_step") is not None:
@@ -65,16 +68,27 @@ def _write_figures(sweep_dir: Path) -> None:
     print(dashboard.tensorboard_hint(sweep_dir), flush=True)
 
 
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write `<sweep dir>/summary.md` for the jobs found there, print it, return its rows.
+    Also called by normlab.cli when a signal stops a sweep before Hydra's end of the sweep."""
+    rows = collect_jobs(sweep_dir)
+    for row in rows:
+        if "unreadable" in str(row.get("error", "")):
+            print(f"normlab: {row['error']}; counted as failed", file=sys.stderr)
+    table = summary_table(rows)
+    counts = status_line(rows)
+    text = f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}"
+    atomic_write_bytes(sweep_dir / "summary.md", text.encode())
+    print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+    return rows
+
+
 class SweepSummary(Callback):
     """`on_multirun_end`: write `<sweep dir>/summary.md`, print it, exit 1 if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect_jobs(sweep_dir)
-        table = summary_table(rows)
-        counts = status_line(rows)
-        (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}")
-        print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
+        rows = write_summary(sweep_dir)
         _write_figures(sweep_dir)
         failed = [row["job"] for row in rows if row.get("status") == "failed"]
         if failed:

@@ -21,12 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from normlab import dashboard, process
 from normlab.config import CONFIG_DIR
 from normlab.ics.summary import merge_summaries
+from normlab.resolvers import register_resolvers
 from normlab.runs import METRICS, is_multirun, task_overrides, write_metrics
-from normlab.validate import ConfigError, check_group_choices, one_line, validate
+from normlab.signals import RunInterrupted, interruption_recorded, is_launcher_process
+from normlab.validate import one_line, validate
 
 log = logging.getLogger("normlab")
 process.quiet_hydra_launcher_warning()  # module level: joblib's workers import this module too
-dashboard.register_resolvers()
+register_resolvers()  # before Hydra composes; joblib workers import this module too
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -40,9 +42,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "failed", "overrides": task_overrides()}
     clock = {"start": time.perf_counter()}
     try:
-        validate(cfg)
-        result.update(_fit_and_test(cfg, clock))
-        result["status"] = "diverged" if "diverged_at_step" in result else "ok"
+        with interruption_recorded(result):  # SIGTERM/SIGINT: status interrupted, RunInterrupted
+            validate(cfg)
+            result.update(_fit_and_test(cfg, clock))
+            result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
         result["error"] = one_line(error)
         raise
@@ -91,6 +94,8 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     import lightning.pytorch as pl  # heavy imports only once a run really starts
     from hydra.utils import instantiate
 
+    from normlab.checkpoints import safety_callbacks
+
     process.quiet_lightning()
     process.set_threads(cfg)
     process.skip_nvml_probe_on_cpu(cfg)
@@ -98,7 +103,7 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.load()  # missing files fail here, before a model or trainer exists
     module = build_module(cfg, datamodule)
-    trainer, callbacks = build_trainer(cfg)
+    trainer, callbacks = build_trainer(cfg, safety_callbacks(cfg))
     clock["fit"] = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_metrics = _scalars(trainer.callback_metrics)
@@ -138,6 +143,10 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
+    except RunInterrupted:
+        if is_launcher_process():
+            raise  # normlab.cli writes the sweep summary and exits 130/143
+        return float("nan")  # a joblib worker: the launcher process stops the sweep
     except Exception as error:
         message = one_line(error)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -153,12 +162,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Command line entry point (`python train.py`, `normlab-train`)."""
-    try:
-        check_group_choices(sys.argv[1:], CONFIG_DIR)
-    except ConfigError as error:
-        print(f"normlab: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+    from normlab.cli import run_command_line
+
+    run_command_line(_hydra_main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """Config checks that run before any work: one clear line per mistake, naming key, value, and
 what is valid.
 
-Two layers: `check_group_choices` reads the command line before Hydra does (Hydra's own message
-for `norm=foo` is a page long); `validate` checks the composed values of one run.
+`validate` checks the composed values of one run; `normlab.preflight` calls it on the command
+line's config before Hydra starts, and `normlab.train.train` again for each job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +33,6 @@ def group_choices(config_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def check_group_choices(args: Iterable[str], config_dir: Path) -> None:
-    """`norm=foo` or `-m norm=none,foo` -> ConfigError listing the choices of `norm`."""
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or key.startswith(("-", "hydra")) or not (config_dir / key).is_dir():
-            continue
-        if "(" in value or value in ("null", ""):  # sweep functions (range, glob...) left to Hydra
-            continue
-        valid = group_choices(config_dir, key)
-        for choice in value.split(","):
-            if choice not in valid:
-                raise ConfigError(
-                    f"{key}={choice!r} is not valid; choose one of: {', '.join(valid)}"
-                )
-
-
 def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
@@ -64,6 +46,7 @@ def _number(cfg: DictConfig, key: str) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value of `cfg` that cannot work."""
+    _validate_seed(cfg)
     dropout = _number(cfg, "dropout")
     if not 0 <= dropout < 1:
         raise ConfigError(f"dropout={dropout} is out of range: it must be in [0, 1)")
@@ -80,7 +63,15 @@ def validate(cfg: DictConfig) -> None:
     _validate_trainer(cfg)
     _validate_manual_optimization(cfg)
     if cfg.get("ckpt_path"):
-        check_checkpoint(Path(cfg.ckpt_path))
+        from normlab.resume import check_resume
+
+        check_resume(cfg, check_checkpoint(Path(cfg.ckpt_path)))
+
+
+def _validate_seed(cfg: DictConfig) -> None:
+    seed = _select(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} is out of range: it must be an integer in [0, 2**32)")
 
 
 def _validate_batch(cfg: DictConfig) -> None:
@@ -274,16 +265,29 @@ def _validate_trainer(cfg: DictConfig) -> None:
             )
 
 
-def check_checkpoint(path: Path) -> None:
-    """A checkpoint we resume from must exist and unpickle with `weights_only=True`."""
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint we resume from must exist and unpickle with `weights_only=True`; return it."""
     import torch
 
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path}: no such file")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
         raise ConfigError(
-            f"ckpt_path={path}: not a loadable checkpoint (truncated or corrupt?): {reason}"
+            f"ckpt_path={path}: not a loadable checkpoint (truncated, corrupt, or not written by "
+            f"Lightning): {_load_reason(error)}"
         ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def _load_reason(error: Exception) -> str:
+    """torch's first line only: the rest of its message suggests `weights_only=False`, which would
+    let the file run arbitrary code."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0]
+        return f"cannot unpickle it: {text.strip()}"[:160]
+    return (text.split(". ")[0] or type(error).__name__)[:160]

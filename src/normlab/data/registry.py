@@ -2,7 +2,8 @@
 
 `digits` ships inside scikit-learn and needs no files. The torchvision datasets read their real
 on-disk files from `root` (downloading them only when asked); when the files are missing the
-error says which files and where to put them.
+error says which files and where to put them; a file that is there but broken is named with
+what is wrong with it (`normlab.data.checks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from normlab.data import checks
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (inputs float32 (N, C, H, W), labels int64 (N,))
 
@@ -74,13 +77,37 @@ def _torchvision_dataset(class_name: str, root: Path, train: bool, download: boo
         raise DatasetMissingError(_missing_message(dataset_class, root, download)) from error
 
 
-def _missing_message(dataset_class: type, root: Path, download: bool) -> str:
+def _dataset_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
+    """(folder, file names) torchvision reads for `dataset_class`."""
     if hasattr(dataset_class, "resources"):  # MNIST family: IDX files (.gz copies are extracted)
         folder = root / dataset_class.__name__ / "raw"
-        files = [Path(url).name.removesuffix(".gz") for url, _ in dataset_class.resources]
-    else:  # CIFAR: the extracted python pickle batches
-        folder = root / dataset_class.base_folder
-        files = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+        return folder, [Path(url).name.removesuffix(".gz") for url, _ in dataset_class.resources]
+    folder = root / dataset_class.base_folder  # CIFAR: the extracted python pickle batches
+    files = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+    return folder, [*files, dataset_class.meta["filename"]]
+
+
+def _check_files(class_name: str, root: Path) -> None:
+    """Name each missing or broken file before torchvision reads (or misreads) them."""
+    dataset_class = getattr(importlib.import_module("torchvision.datasets"), class_name)
+    folder, files = _dataset_files(dataset_class, root)
+    missing = checks.missing_files(folder, files)
+    if missing:
+        raise DatasetMissingError(_missing_message(dataset_class, root, False, missing))
+    if hasattr(dataset_class, "resources"):
+        for prefix in ("train", "t10k"):
+            checks.check_idx_split(folder, prefix)
+    else:
+        listed = dataset_class.train_list + dataset_class.test_list
+        meta = dataset_class.meta
+        checks.check_checksums(folder, [*listed, (meta["filename"], meta["md5"])], class_name)
+
+
+def _missing_message(
+    dataset_class: type, root: Path, download: bool, files: list[str] | None = None
+) -> str:
+    folder, all_files = _dataset_files(dataset_class, root)
+    files = files or all_files
     tried = "download failed (no network?); " if download else ""
     return (
         f"{dataset_class.__name__} files not found: {tried}put {', '.join(files)} into {folder} "
@@ -101,6 +128,8 @@ def _gunzip_copied_files(raw_folder: Path) -> None:
 def _load_mnist_like(class_name: str) -> Callable[[Path, bool], Splits]:
     def load(root: Path, download: bool) -> Splits:
         _gunzip_copied_files(root / class_name / "raw")
+        if not download:
+            _check_files(class_name, root)
         train_set = _torchvision_dataset(class_name, root, True, download)
         test_set = _torchvision_dataset(class_name, root, False, download)
         x = train_set.data.unsqueeze(1).float() / 255.0
@@ -112,6 +141,8 @@ def _load_mnist_like(class_name: str) -> Callable[[Path, bool], Splits]:
 
 
 def load_cifar10(root: Path, download: bool) -> Splits:
+    if not download:
+        _check_files("CIFAR10", root)
     train_set = _torchvision_dataset("CIFAR10", root, True, download)
     test_set = _torchvision_dataset("CIFAR10", root, False, download)
 

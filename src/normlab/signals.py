@@ -1,0 +1,226 @@
+"""SIGTERM and SIGINT (a scheduler's preemption, `timeout`, Ctrl-C) stop a run without losing it.
+
+While a model trains, the first signal only sets a flag; `normlab.checkpoints.StopOnSignal`
+sees it after the
+current Lightning step, saves `checkpoints/last.ckpt` (mid-epoch if need be; atomically, see
+`normlab.checkpoints`) and stops the run. Outside training (start-up, data loading, between
+jobs) the signal stops at once. A second signal always stops at once.
+
+The run is then recorded `status: interrupted` with the signal's name and the checkpoint
+(`interruption_recorded`), and `RunInterrupted` travels up to the command line, which writes the
+sweep's summary.md for the jobs that ran and exits 128 + the signal's number (130 for SIGINT,
+143 for SIGTERM); see `normlab.cli`.
+
+In a sweep, a signal stops the whole sweep: the running job saves and stops, jobs not started
+yet are skipped. Jobs in other processes (hydra/launcher=joblib) learn of it from a marker file
+`<sweep dir>/.interrupted` that the signalled process writes; they check it after every step.
+
+Lightning registers its own SIGTERM handler during `fit` and calls ours after it; it then raises
+its `SIGTERMException` (a `SystemExit` with code 0) at its own check points: ours runs first at a
+step's end, and `as_interruption` turns Lightning's exception into ours elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+
+log = logging.getLogger("normlab")
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+MARKER = ".interrupted"
+LAUNCHER_PID = "NORMLAB_LAUNCHER_PID"  # the command line's process; set by normlab.cli
+
+
+class _State:
+    signum: int | None = None  # the first signal received by this process
+    training: int = 0  # > 0 while StopOnSignal watches the steps
+    checkpoint: Path | None = None  # saved by StopOnSignal
+    step: int | None = None
+    sweep: tuple[Path, str] | None = None  # (sweep dir, launcher _target_) in the launcher process
+
+
+class RunInterrupted(BaseException):
+    """A run or sweep stopped by a signal. BaseException, like KeyboardInterrupt: no `except
+    Exception` on the way up mistakes it for the run's own failure."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
+        super().__init__(self.message)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        if self.checkpoint is None:
+            return f"interrupted by {self.name} before training started: nothing was trained"
+        return (
+            f"interrupted by {self.name} at optimizer step {self.step}; saved {self.checkpoint} "
+            f"(resume with ckpt_path={self.checkpoint})"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The keys it sets in metrics.json."""
+        return {
+            "status": "interrupted",
+            "signal": self.name,
+            "error": self.message,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        }
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in HANDLED:
+        if signal.getsignal(signum) is not _handler:
+            signal.signal(signum, _handler)
+
+
+def _handler(signum: int, frame: Any) -> None:
+    first = _State.signum is None
+    if first:
+        _State.signum = signum
+        _mark_sweep(signum)
+    if first and (_State.training or _jobs_run_elsewhere()):
+        log.warning(
+            "normlab: %s received: stopping after the current step (again to stop at once)",
+            signal.Signals(signum).name,
+        )
+        return
+    raise RunInterrupted(signum)
+
+
+def watch_steps(active: bool) -> None:
+    """While active (a model is fitting), the first signal only asks to stop after the step."""
+    _State.training = _State.training + 1 if active else max(0, _State.training - 1)
+
+
+def checkpoint_saved(path: Path, step: int) -> None:
+    _State.checkpoint, _State.step = path, step
+
+
+def has_saved() -> bool:
+    return _State.checkpoint is not None
+
+
+def interruption(signum: int) -> RunInterrupted:
+    """The RunInterrupted for `signum`, with the checkpoint saved for it, if any."""
+    return RunInterrupted(signum, _State.checkpoint, _State.step)
+
+
+def received() -> int | None:
+    """The signal this process received, if any."""
+    return _State.signum
+
+
+def stop_requested() -> int | None:
+    """The signal that stops this run: received here, or by another process of the sweep."""
+    if _State.signum is not None:
+        return _State.signum
+    marker = _sweep_marker()
+    if marker is not None and marker.is_file():
+        name = marker.read_text().strip() or "SIGTERM"
+        return int(getattr(signal.Signals, name, signal.SIGTERM))
+    return None
+
+
+def is_launcher_process() -> bool:
+    """True in the command line's own process (and when there is no command line: tests)."""
+    return os.environ.get(LAUNCHER_PID, str(os.getpid())) == str(os.getpid())
+
+
+class SweepSignals(HydraCallback):
+    """Hydra callback: tells this module, in the process that launches a sweep, where the sweep
+    lives and how its jobs run (Hydra sets its job config only while a job runs in-process)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _State.sweep = (Path(config.hydra.sweep.dir), str(config.hydra.launcher._target_))
+        (_State.sweep[0] / MARKER).unlink(missing_ok=True)  # from an earlier, stopped sweep
+
+
+def sweep_info() -> tuple[Path, str] | None:
+    """(sweep dir, launcher `_target_`) when this process runs or launches a sweep's jobs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        config = HydraConfig.get()
+        return Path(config.sweep.dir), str(config.launcher.get("_target_", ""))
+    return _State.sweep
+
+
+def _sweep_marker() -> Path | None:
+    sweep = sweep_info()
+    if sweep is None or "submitit" in sweep[1]:
+        return None  # a SLURM job's signal is its own (preemption): the others go on
+    return sweep[0] / MARKER
+
+
+def _mark_sweep(signum: int) -> None:
+    with contextlib.suppress(Exception):
+        marker = _sweep_marker()
+        if marker is not None and marker.parent.is_dir():
+            marker.write_text(signal.Signals(signum).name + "\n")
+
+
+def _jobs_run_elsewhere() -> bool:
+    """In the process that launched a sweep whose jobs run in worker processes: wait for them
+    to save and stop, then write the summary."""
+    sweep = sweep_info()
+    return sweep is not None and is_launcher_process() and "BasicLauncher" not in sweep[1]
+
+
+def as_interruption(error: BaseException) -> RunInterrupted | None:
+    """`error` as a RunInterrupted when a signal caused it, else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(error, RunInterrupted):
+        return error
+    signum = _State.signum
+    if isinstance(error, SIGTERMException):
+        signum = signum or signal.SIGTERM
+    elif isinstance(error, KeyboardInterrupt):
+        signum = signum or signal.SIGINT
+    else:
+        return None
+    return interruption(signum)
+
+
+@contextlib.contextmanager
+def interruption_recorded(result: dict[str, Any]) -> Iterator[None]:
+    """Around one run: a signal, now or during it, sets `result`'s status to interrupted and
+    raises RunInterrupted; a sweep already told to stop does not start this run."""
+    install()
+    _State.checkpoint = _State.step = None
+    try:
+        signum = stop_requested()
+        if signum is not None:
+            raise RunInterrupted(signum)
+        yield
+    except BaseException as error:
+        stop = as_interruption(error)
+        if stop is None:
+            raise
+        result.update(stop.record())
+        if stop is error:
+            raise
+        raise stop from error
