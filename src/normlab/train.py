@@ -27,16 +27,16 @@ from normlab.signals import RunInterrupted, interruption_recorded, is_launcher_p
 from normlab.validate import one_line, validate
 
 log = logging.getLogger("normlab")
-process.quiet_hydra_launcher_warning()  # module level: joblib's workers import this module too
-register_resolvers()  # before Hydra composes; joblib workers import this module too
+# Module level: before Hydra composes, and in joblib's workers, which import this module too.
+process.quiet_hydra_launcher_warning()
+register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit then test the configured model; return (and write) the final metrics.
 
-    `train_seconds` counts fitting and testing only; `setup_seconds` the rest (imports of
-    Lightning and TensorBoard, data loading, building the model), which the first run of a
-    process pays alone.
+    `train_seconds` counts fitting and testing only; `setup_seconds` the rest (imports, data,
+    model), which the first run of a process pays alone.
     """
     output_dir = Path(cfg.paths.output_dir)
     result: dict[str, Any] = {"status": "failed", "overrides": task_overrides()}
@@ -51,9 +51,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         end = clock.get("trained", time.perf_counter())
-        fit_start = clock.get("fit", end)
-        result["train_seconds"] = round(end - fit_start, 3)
-        result["setup_seconds"] = round(fit_start - clock["start"], 3)
+        result["train_seconds"] = round(end - clock.get("fit", end), 3)
+        result["setup_seconds"] = round(clock.get("fit", end) - clock["start"], 3)
         if process.is_global_zero():
             write_metrics(output_dir, result)
     return result
