@@ -8,10 +8,10 @@
   optimization?", Definition 2.1). For weight layer i: G = dL/dW_i at the current weights;
   G' = the same gradient, on the same batch, after the optimizer has updated only the layers
   *before* i (their real update: the real optimizer with its state, fed G's counterparts for those
-  layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it (0 and 1 by
-  definition) and is left out. "Before layer i" means every parameter registered before W_i
-  (the backbones register in forward order), so the norm layers' affine parameters of earlier
-  blocks move too. The measurement leaves no trace: parameters, optimizer state, `.grad`, BN
+  layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it: 0 and 1 by
+  definition (logged, but left out of the dashboard). "Before layer i" means every parameter
+  registered before W_i (the backbones register in forward order), so the norm layers' affine
+  parameters of earlier blocks move too. The measurement leaves no trace: parameters, optimizer state, `.grad`, BN
   running statistics, train/eval mode and the random number generators are restored exactly.
 """
 
@@ -164,6 +164,7 @@ def grad_shift(
             if grads[i] is None:
                 continue
             if i == 0:  # nothing before the first layer moves: 0 and 1 by definition
+                result[name] = (0.0, 1.0)
                 continue
             with _updated(optimizer, params[:i], grads[:i]):
                 rewind()
