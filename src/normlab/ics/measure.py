@@ -11,8 +11,9 @@
   layers). Reported: ||G - G'||_2 and cos(G, G'). Layer 1 has nothing before it: 0 and 1 by
   definition (logged, but left out of the dashboard). "Before layer i" means every parameter
   registered before W_i (the backbones register in forward order), so the norm layers' affine
-  parameters of earlier blocks move too. The measurement leaves no trace: parameters, optimizer state, `.grad`, BN
-  running statistics, train/eval mode and the random number generators are restored exactly.
+  parameters of earlier blocks move too. The measurement leaves no trace: parameters, optimizer
+  state, `.grad`, BN running statistics, train/eval mode and the random number generators are
+  restored exactly.
 """
 
 from __future__ import annotations
