@@ -115,7 +115,11 @@ def seed_loop_epoch(kind: str, images: np.ndarray, labels: np.ndarray) -> Callab
 
 def raw_loop_epoch(kind: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """A careful hand-written loop: pre-made tensors, a permutation, slices, default Adam."""
-    model = lecture_model(kind)
+    return plain_loop_epoch(lecture_model(kind), x, y)
+
+
+def plain_loop_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One epoch of `model` on pre-made tensors: a permutation, slices, default Adam."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def epoch() -> None:
@@ -296,20 +300,7 @@ def raw_vgg_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     from normlab.models.vgg import VGG
 
     torch.manual_seed(0)
-    model = VGG(tuple(x.shape[1:]), 10, preset="vgg_small", norm="bn")
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-
-    def epoch() -> None:
-        model.train()
-        order = torch.randperm(len(y))
-        for start in range(0, len(y) - BATCH + 1, BATCH):
-            index = order[start : start + BATCH]
-            loss = nn.functional.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    return epoch
+    return plain_loop_epoch(VGG(tuple(x.shape[1:]), 10, preset="vgg_small", norm="bn"), x, y)
 
 
 def vgg_figures(quick: bool, out: Path) -> dict[str, float]:
