@@ -96,7 +96,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_overrides(job_dir: Path) -> list[str]:
-    """The job's task overrides: from metrics.json if it has them, else Hydra's overrides.yaml."""
+    """The job's task overrides as Hydra saved them (`.hydra/overrides.yaml`), or []."""
     path = Path(job_dir) / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
