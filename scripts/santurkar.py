@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from normlab.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
 from normlab.runs import Series, read_scalars
 
-NORM_COLORS = {"none": "tab:red", "bn": "tab:blue", "noisy_bn": "tab:green"}
-PERCENTILE_COLORS = {"p85": "tab:red", "p50": "tab:blue", "p15": "tab:green"}
+# One colour per norm, the one TensorBoard gives its first run (normlab.plotstyle); set by draw().
+NORM_COLORS: dict[str, str] = {}
+PERCENTILE_STYLES = {"p85": "--", "p50": "-", "p15": "--"}
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
 
     lrs = sorted({r.lr for r in runs})
     norms = sorted({r.norm for r in runs}, key=lambda n: (n != "none", n))
+    started = ((r.norm, start_time(r.directory)) for r in runs)
+    NORM_COLORS.update(group_colors(tensorboard_order(started)))
     shift_layer = layer_with(runs, "grad_shift", layer)
     band_layer = layer_with(runs, "p50", layer)
     landscape = any("landscape/grad_pred_max" in r.series for r in runs)
@@ -181,8 +185,11 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
                 log=True)
         row[4].set(title="(e) effective beta-smoothness", ylabel="max ||dL - dL'|| / ||eta g||")
     bottom = axes[-1]
+    for ax in bottom[1 : len(norms)]:
+        ax.sharey(bottom[0])  # one scale: the spread with and without a norm compares by eye
     for ax, norm in zip(bottom, norms, strict=False):
-        _percentiles(ax, [r for r in runs if r.norm == norm and r.lr == lrs[0]], band_layer)
+        _percentiles(ax, [r for r in runs if r.norm == norm and r.lr == lrs[0]], band_layer,
+                     NORM_COLORS.get(norm))
         ax.set_ylabel("p15 / p50 / p85 on the probe batch")
         ax.set(title=f"(f) {norm}, lr={lrs[0]:g}: {band_layer} preactivation")
     for ax in bottom[len(norms):]:
@@ -192,7 +199,7 @@ def draw(runs: Sequence[Run], out: Path, layer: str | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=72)
+    fig.savefig(out, dpi=PNG_DPI)
     plt.close(fig)
     return out
 
@@ -231,15 +238,17 @@ def _band(ax, runs, norms) -> None:
         ax.legend(fontsize=8)
 
 
-def _percentiles(ax, runs, layer) -> None:
-    for name, color in PERCENTILE_COLORS.items():
+def _percentiles(ax, runs, layer, color) -> None:
+    """p50 solid, p15/p85 dashed, all in the norm's colour; each seed thin, the mean thick."""
+    for name, style in PERCENTILE_STYLES.items():
         tag = f"ics/{layer}/{name}"
         for run in runs:
             points = sorted(run.series.get(tag, {}).items())
-            ax.plot([s for s, _ in points], [v for _, v in points], color=color, lw=0.6, alpha=0.3)
+            ax.plot([s for s, _ in points], [v for _, v in points], color=color, ls=style, lw=0.6,
+                    alpha=0.3)
         steps, values = mean_curve([r.series.get(tag, {}) for r in runs])
         if steps:
-            ax.plot(steps, values, color=color, lw=2, label=name)
+            ax.plot(steps, values, color=color, ls=style, lw=2, label=name)
     if ax.lines:
         ax.legend(fontsize=8)
 
