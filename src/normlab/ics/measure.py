@@ -118,21 +118,31 @@ def probe_activations(
 @contextmanager
 def _probing(model: nn.Module, mode: str) -> Iterator[None]:
     """Norm layers in training mode (batch statistics) or eval mode; dropout off; no trace."""
-    was_training = {m: m.training for m in model.modules()}
+    with _untouched(model):
+        model.train(mode == "batch")
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
+        yield
+
+
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[tuple[torch.device, list[torch.device]]]:
+    """On exit: every module's train/eval mode, every buffer (BN running statistics) and the
+    random number generators as they were. Yields (device, the CUDA devices forked)."""
+    modes = {module: module.training for module in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model.train(mode == "batch")
-            for module in model.modules():
-                if isinstance(module, nn.modules.dropout._DropoutNd):
-                    module.eval()
-            yield
+        with torch.random.fork_rng(devices=devices):
+            yield device, devices
     finally:
-        for module, training in was_training.items():
+        for module, training in modes.items():
             module.training = training
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 # ---------------------------------------------------------------- gradients
@@ -185,11 +195,7 @@ def _no_side_effects(
 ) -> Iterator[Callable[[], None]]:
     """Train mode, no `.grad`, and a `rewind()` of the RNGs; everything restored on exit."""
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    was_training = model.training
-    device = params[0].device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with _untouched(model) as (device, devices):
         cpu_state = torch.get_rng_state()
         gpu_state = torch.cuda.get_rng_state(device) if devices else None
 
@@ -204,10 +210,6 @@ def _no_side_effects(
             model.train()
             yield rewind
         finally:
-            model.train(was_training)
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
 
