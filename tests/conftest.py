@@ -59,6 +59,22 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     )
 
 
+def assert_identical(a, b) -> None:
+    """Nested dicts/lists/tuples of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_identical(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_identical(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    else:
+        assert a == b
+
+
 def event_tags(directory: Path) -> dict[str, set[str]]:
     """Histogram and scalar tags in all TensorBoard event files under `directory`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

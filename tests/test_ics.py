@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, assert_identical, compose_cfg
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import nn
@@ -222,21 +222,6 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     })
 
 
-def assert_same(a, b) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for u, v in zip(a, b, strict=True):
-            assert_same(u, v)
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    else:
-        assert a == b
-
-
 def test_grad_shift_with_adam_matches_a_copy_and_leaves_no_trace():
     model, (x, y) = tiny_model(dropout=0.3), tiny_batch()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -247,7 +232,7 @@ def test_grad_shift_with_adam_matches_a_copy_and_leaves_no_trace():
     before = snapshot(model, optimizer)
     shifts = grad_shift(model, optimizer, {"head": model[4].weight},
                         lambda: F.cross_entropy(model(x), y))
-    assert_same(snapshot(model, optimizer), before)
+    assert_identical(snapshot(model, optimizer), before)
 
     # the same by hand on copies: one Adam step of the layers before the head, same dropout mask
     twin = copy.deepcopy(model)
@@ -279,7 +264,7 @@ def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
         WeightStats(every_n_steps=1),
     ])
     assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
-    assert_same(measured, plain)
+    assert_identical(measured, plain)
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import assert_identical, compose_cfg
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
@@ -75,21 +75,6 @@ def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "rng": torch.get_rng_state(),
     }
-
-
-def assert_identical(a, b) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_identical(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_identical(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
 
 
 def test_probe_writes_nothing_it_was_given():

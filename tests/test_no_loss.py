@@ -6,6 +6,7 @@ Each test drives the real command line (or sends a real signal to a real process
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -296,16 +297,24 @@ def test_command_line_mistakes_are_one_line(tmp_path, args, parts):
 # ------------------------------------------------------------------ 7. atomic writes
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A tmpfs mounted at `mount` with `options` for the `with` body (skips without root)."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
                           capture_output=True)  # fmt: skip
     if done.returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+        pytest.skip(f"needs root to mount a tmpfs ({options})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    with tmpfs(tmp_path / "small", "size=300k") as mount:
+        yield mount
 
 
 def fill(mount: Path, leave: int) -> None:
@@ -345,16 +354,8 @@ def test_unwritable_run_dir_is_one_line(tmp_path):
 
 
 def test_read_only_output_dir_is_one_line(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                          capture_output=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
         proc = run_cli(f"hydra.run.dir={mount / 'run'}")
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
     assert_one_line_error(proc, "cannot create it", "is not writable")
 
 
