@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from normlab.ics.measure import (
-    PROBE_MODES,
+    check_probe_mode,
     distribution_stats,
     grad_norm,
     grad_shift,
@@ -192,10 +192,7 @@ class ICSMonitor(RecordingCallback):
         output_dir: str | Path | None = None,
     ) -> None:
         super().__init__(output_dir)
-        if probe_mode not in PROBE_MODES:
-            valid = ", ".join(PROBE_MODES)
-            raise ValueError(f"probe_mode={probe_mode!r} is not valid; choose one of: {valid}")
-        self.probe_mode = probe_mode
+        self.probe_mode = check_probe_mode(probe_mode)  # fails at construction, not mid-run
         self.cadence = StepCadence(every_n_steps)
         self.probe_size = probe_size
         self.histograms = histograms

@@ -57,6 +57,14 @@ def distribution_stats(x: torch.Tensor, limit: int = QUANTILE_LIMIT) -> dict[str
 PROBE_MODES = ("batch", "eval")
 
 
+def check_probe_mode(mode: str) -> str:
+    """`mode` if it is a probe mode, else ValueError naming the valid ones."""
+    if mode not in PROBE_MODES:
+        valid = ", ".join(PROBE_MODES)
+        raise ValueError(f"probe_mode={mode!r} is not valid; choose one of: {valid}")
+    return mode
+
+
 @contextmanager
 def capture(
     modules: dict[str, nn.Module], what: str = "input"
@@ -101,11 +109,8 @@ def probe_activations(
     generators are rewound. `mode="eval"` runs the model in eval mode: BN uses its running
     statistics, which at step 0 are the initial (0, 1) and later lag the batch statistics.
     """
-    if mode not in PROBE_MODES:
-        valid = ", ".join(PROBE_MODES)
-        raise ValueError(f"probe_mode={mode!r} is not valid; choose one of: {valid}")
-    norms = model.norm_layers() if hasattr(model, "norm_layers") else {}
-    norms = {name: m for name, m in norms.items() if not isinstance(m, nn.Identity)}
+    check_probe_mode(mode)
+    norms = model.norm_layers() if hasattr(model, "norm_layers") else {}  # none: {}
     with (
         _probing(model, mode),
         capture(model.nonlinearities()) as preact,
