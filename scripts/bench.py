@@ -298,9 +298,11 @@ def digits_tiled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def raw_vgg_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """The plain loop of `raw_loop_epoch` on the very VGG normlab builds (vgg_small, BN)."""
     from normlab.models.vgg import VGG
+    from normlab.nn import TorchBatchNorm
 
     torch.manual_seed(0)
-    return plain_loop_epoch(VGG(tuple(x.shape[1:]), 10, preset="vgg_small", norm="bn"), x, y)
+    model = VGG(tuple(x.shape[1:]), 10, preset="vgg_small", norm=TorchBatchNorm)
+    return plain_loop_epoch(model, x, y)
 
 
 def vgg_figures(quick: bool, out: Path) -> dict[str, float]:

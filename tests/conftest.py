@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from normlab.config import CONFIG_DIR
+from normlab.models.from_config import component
+from normlab.validate import group_choices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +42,26 @@ def compose_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
             cfg.callbacks.pop("progress_bar", None)
         cfg.trainer.enable_progress_bar = False
     return cfg
+
+
+def choices(group: str) -> list[str]:
+    """The choices of conf/<group>/ (tests iterate over these, never over a list of names)."""
+    return group_choices(CONFIG_DIR, group)
+
+
+@functools.lru_cache
+def _composed(group: str, choice: str) -> DictConfig:
+    return compose_cfg(Path("/nonexistent"), f"{group}={choice}")
+
+
+def part(group: str, choice: str, **options):
+    """The component `group=choice` as train() builds it -- a norm factory, an activation factory,
+    an init function (None for init=default) -- with `options` overriding its keys."""
+    cfg = copy.deepcopy(_composed(group, choice))
+    with open_dict(cfg):
+        for key, value in options.items():
+            cfg[group][key] = value
+    return component(cfg, group)
 
 
 @pytest.fixture

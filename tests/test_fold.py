@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import part
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
@@ -14,8 +15,6 @@ import normlab.nn as ours
 from normlab.models.backbones import CNN, MLP
 from normlab.nn import fold_batchnorm
 from normlab.nn.fold import FoldWarning
-
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, ours.BatchNorm1d, ours.BatchNorm2d)
 
 
 class Block(nn.Module):
@@ -103,7 +102,7 @@ def trained(factory, input_shape) -> nn.Module:
     model = factory()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, BATCH_NORMS) and module.affine:
+            if ours.has_running_stats(module) and module.affine:
                 module.weight.uniform_(0.5, 2.0)
                 module.bias.normal_()
         for _ in range(5):
@@ -112,7 +111,7 @@ def trained(factory, input_shape) -> nn.Module:
 
 
 def batch_norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    return [m for m in model.modules() if ours.has_running_stats(m)]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -181,7 +180,7 @@ def test_float64_fold_is_exact_to_rounding():
 
 def trained_backbone(cls, norm, position, steps=5):
     torch.manual_seed(0)
-    model = cls((1, 8, 8), 10, norm={"name": norm, "position": position})
+    model = cls((1, 8, 8), 10, norm=part("norm", norm), norm_position=position)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):  # non-trivial weights, gammas, betas and running statistics
         loss = model(torch.randn(32, 1, 8, 8) * 2 + 1).square().mean()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_identical, compose_cfg
+from conftest import ROOT, assert_identical, compose_cfg, part
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import nn
@@ -57,7 +57,7 @@ def fit(
     datamodule = NormLabDataModule("digits", root=root / "data", batch_size=32,
                                    steps_per_batch=steps_per_batch)
     backbone = MLP(datamodule.input_shape, datamodule.num_classes, hidden_sizes=(16, 16),
-                   norm="bn", dropout=dropout)
+                   norm=part("norm", "bn"), dropout=dropout)
     module = ClassifierModule(
         backbone, datamodule.num_classes, optimizer=partial(torch.optim.Adam, lr=0.01)
     )
@@ -339,7 +339,7 @@ def test_activation_summary_numbers():
 
 def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
     torch.manual_seed(0)
-    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm="bn", dropout=0.5), 3)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm=part("norm", "bn"), dropout=0.5), 3)
     model.train()
     x = torch.randn(256, 20) * 3 + 2
     buffers = copy.deepcopy(dict(model.named_buffers()))
@@ -357,7 +357,7 @@ def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
 
 def test_probe_eval_mode_uses_running_statistics():
     torch.manual_seed(0)
-    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm="bn"), 3)
+    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16,), norm=part("norm", "bn")), 3)
     x = torch.randn(256, 20) * 3 + 2
     _, norm_out = probe_activations(model, x, mode="eval")
     linear_out = model.backbone.blocks.layer1.linear(x)  # BN with (0, 1) running stats: identity

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import assert_identical, compose_cfg
+from conftest import assert_identical, compose_cfg, part
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
@@ -79,7 +79,7 @@ def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def test_probe_writes_nothing_it_was_given():
     torch.manual_seed(0)
-    model = VGG((1, 8, 8), 10, norm="bn", dropout=0.3).train()
+    model = VGG((1, 8, 8), 10, norm=part("norm", "bn"), dropout=0.3).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     for _ in range(2):  # momentum buffers and moved running statistics to protect

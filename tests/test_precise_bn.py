@@ -4,7 +4,7 @@ import csv
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, part
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -32,8 +32,8 @@ def test_equals_swa_update_bn_on_the_same_batches(cls, norm):
     """update_bn knows torch's BN only: the reference is a torch-BN twin with the same state
     (our BN computes torch's; batch renorm before its warm-up ends is BN)."""
     torch.manual_seed(0)
-    model = trained_a_little(cls((1, 8, 8), 10, norm=norm), (32, 1, 8, 8))
-    reference = cls((1, 8, 8), 10, norm="bn")
+    model = trained_a_little(cls((1, 8, 8), 10, norm=part("norm", norm)), (32, 1, 8, 8))
+    reference = cls((1, 8, 8), 10, norm=part("norm", "bn"))
     reference.load_state_dict(model.state_dict())
     data = batches((32, 1, 8, 8))
     update_bn(data, reference)

@@ -22,7 +22,7 @@ BAD_INPUTS = [
     ("lr=-1", "lr=-1 is out of range: it must be > 0"),
     ("lr=0", "lr=0 is out of range: it must be > 0"),
     ("data.batch_size=0", "data.batch_size=0 is out of range: it must be an integer >= 1"),
-    ("data.batch_size=1", "data.batch_size=1 with norm=bn: batch norm needs at least 2 samples"),
+    ("data.batch_size=1", "data.batch_size=1: TorchBatchNorm normalizes with the statistics of"),
     ("model.hidden_sizes=[]", "model.hidden_sizes=[] is empty: give at least one size"),
     ("trainer=gpu", "trainer.accelerator=gpu: no CUDA GPU is visible on this machine"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt: no such file"),

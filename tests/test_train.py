@@ -3,17 +3,16 @@ import json
 
 import pytest
 import torch
-from conftest import event_tags, run_cli
+from conftest import choices, event_tags, run_cli
 
-from normlab.models.backbones import ACTIVATIONS, INITS, NORMS
 from normlab.train import train
 
 # Every activation x init with and without BN; every other norm once per backbone
 # (tests/test_norms.py covers each norm against its reference).
 GRID = [
-    *itertools.product(["mlp", "cnn"], ["none", "bn"], ACTIVATIONS, INITS),
-    *itertools.product(["mlp", "cnn"], [n for n in NORMS if n not in ("none", "bn")], ["relu"],
-                       ["default"]),
+    *itertools.product(["mlp", "cnn"], ["none", "bn"], choices("activation"), choices("init")),
+    *itertools.product(["mlp", "cnn"], [n for n in choices("norm") if n not in ("none", "bn")],
+                       ["relu"], ["default"]),
 ]
 
 

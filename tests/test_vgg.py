@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
-from conftest import run_cli
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import choices, part, run_cli
 from torch import nn
 
-from normlab.config import CONFIG_DIR
-from normlab.models.backbones import Block
 from normlab.models.vgg import PRESETS, VGG
 from normlab.train import train
-from normlab.validate import ConfigError, group_choices, validate
+from normlab.validate import ConfigError, validate
 
-
-def composed_norm(name: str) -> dict:
-    """conf/norm/<name>.yaml as training sees it (its defaults list resolved)."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=[f"norm={name}"]).norm)
-
-
-NORM_SPECS = {name: composed_norm(name) for name in group_choices(CONFIG_DIR, "norm")}
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
-@pytest.mark.parametrize("norm", list(NORM_SPECS))
+@pytest.mark.parametrize("norm", choices("norm"))
 @pytest.mark.parametrize("data", list(SHAPES))
 def test_vgg_small_builds_and_trains_with_every_norm_on_every_image_size(norm, data):
     torch.manual_seed(0)
     shape = SHAPES[data]
-    model = VGG(shape, 10, preset="vgg_small", norm=NORM_SPECS[norm], dropout=0.1)
+    model = VGG(shape, 10, preset="vgg_small", norm=part("norm", norm), dropout=0.1)
     x, y = torch.randn(32, *shape), torch.randint(0, 10, (32,))  # ghost_bn: 2 x 16
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
@@ -44,14 +30,14 @@ def test_vgg_small_builds_and_trains_with_every_norm_on_every_image_size(norm, d
 
 
 def test_layout_names_pools_and_head_follow_the_config():
-    model = VGG((3, 32, 32), 10, preset="vgg11", norm="bn")
+    model = VGG((3, 32, 32), 10, preset="vgg11", norm=part("norm", "bn"))
     convs = [c for c in PRESETS["vgg11"] if c != "M"]
     assert list(model.nonlinearities()) == [f"layer{i + 1}" for i in range(len(convs))]
     assert list(model.weight_layers()) == [*model.nonlinearities(), "head"]
     assert [b.conv.out_channels for b in model.blocks] == convs
     pooled = [hasattr(b, "pool") for b in model.blocks]
     assert pooled == [True, True, False, True, False, True, False, True]
-    assert isinstance(model.blocks.layer3.norm, nn.BatchNorm2d)
+    assert model.blocks.layer3.norm.num_features == 256
     assert model.head.in_features == 512  # 32 / 2**5 = 1 pixel
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     small = VGG((1, 28, 28), 7, config=[4, "M", 8])
@@ -62,9 +48,9 @@ def test_layout_names_pools_and_head_follow_the_config():
 @pytest.mark.parametrize("init", ["default", "xavier_normal"])
 def test_same_seed_same_conv_weights_whatever_the_norm(init):
     built = {}
-    for norm, spec in NORM_SPECS.items():
+    for norm in choices("norm"):
         torch.manual_seed(3)
-        model = VGG((1, 8, 8), 10, norm=spec, init=init)
+        model = VGG((1, 8, 8), 10, norm=part("norm", norm), init=part("init", init))
         built[norm] = {n: m.weight.detach().clone() for n, m in model.weight_layers().items()}
     reference = built.pop("none")
     for norm, weights in built.items():
@@ -112,13 +98,9 @@ def test_vgg_trains_on_digits_end_to_end(make_cfg):
     assert result["val/acc"] > 0.5  # 10 classes: chance is 0.1
 
 
-@pytest.mark.skipif(
-    "position" not in inspect.signature(Block).parameters,
-    reason="norm.position arrives with the norm lab (branch norm-lab)",
-)
 @pytest.mark.parametrize("position", ["pre", "post"])
 def test_norm_position_reaches_every_vgg_block(position):
-    model = VGG((1, 8, 8), 10, norm={**NORM_SPECS["bn"], "position": position})
+    model = VGG((1, 8, 8), 10, norm=part("norm", "bn"), norm_position=position)
     order = ["conv", "norm", "act"] if position == "pre" else ["conv", "act", "norm"]
     for block in model.blocks:
         assert [name for name, _ in block.named_children()][:3] == order

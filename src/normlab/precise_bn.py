@@ -25,20 +25,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.nn.batchnorm import _BatchNormBase
+from normlab.nn.traits import has_running_stats
 
 __all__ = ["PreciseBN", "batch_norms", "recompute_bn_statistics"]
 
-_BATCH_NORMS = (_BatchNorm, _BatchNormBase)
-
 
 def batch_norms(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm (torch's, ours and our variants) with running statistics."""
-    return [
-        m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.running_mean is not None
-    ]
+    """Every layer with BN running statistics (torch's BN, ours, our variants, a user's own)."""
+    return [m for m in model.modules() if has_running_stats(m)]
 
 
 @torch.no_grad()

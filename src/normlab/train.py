@@ -62,10 +62,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
     """The configured backbone, sized by the data, inside the ClassifierModule."""
     from hydra.utils import instantiate
 
+    from normlab.models.from_config import build_backbone
     from normlab.models.module import ClassifierModule
 
-    shape, classes = datamodule.input_shape, datamodule.num_classes
-    backbone = instantiate(cfg.model, input_shape=shape, num_classes=classes, _convert_="all")
+    backbone = build_backbone(cfg, datamodule.input_shape, datamodule.num_classes)
     return ClassifierModule(
         backbone,
         num_classes=datamodule.num_classes,

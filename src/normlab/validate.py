@@ -80,47 +80,14 @@ def _validate_batch(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size={batch} is out of range: it must be an integer >= 1")
     devices = _select(cfg, "trainer.devices")
     per_process = batch // devices if isinstance(devices, int) and devices > 1 else batch
-    _validate_norm(cfg, batch, per_process)
+    _validate_components(cfg, batch, per_process)
 
 
-def _validate_norm(cfg: DictConfig, global_batch: int, batch: int) -> None:
-    """Options of the norm layer that cannot work with this model or batch (per process)."""
-    from normlab.models.backbones import BATCH_DEPENDENT_NORMS
+def _validate_components(cfg: DictConfig, global_batch: int, batch: int) -> None:
+    """What the norm, activation, init and model refuse, asked of them (see `check_components`)."""
+    from normlab.models.from_config import check_components
 
-    norm = _select(cfg, "norm.name")
-    position = _select(cfg, "norm.position")
-    if position not in (None, "pre", "post"):
-        raise ConfigError(f"norm.position={position!r} is not valid; choose one of: pre, post")
-    if norm in BATCH_DEPENDENT_NORMS and batch < 2:
-        raise ConfigError(
-            f"data.batch_size={global_batch} with norm={norm}: batch norm needs at least 2 "
-            f"samples per batch (per process) in training; use a larger data.batch_size or a "
-            f"batch-independent norm (ln, gn, rms, none)"
-        )
-    if norm == "ghost_bn":
-        ghost = _select(cfg, "norm.ghost_batch_size")
-        if not isinstance(ghost, int) or ghost < 2 or batch % ghost != 0:
-            valid = [d for d in range(2, batch + 1) if batch % d == 0]
-            raise ConfigError(
-                f"norm.ghost_batch_size={ghost} does not divide the training batch of {batch} "
-                f"samples (per process); valid: {', '.join(map(str, valid))}"
-            )
-    if norm == "gn":
-        _validate_groups(cfg, _select(cfg, "norm.groups"))
-
-
-def _validate_groups(cfg: DictConfig, groups: Any) -> None:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ConfigError(f"norm.groups={groups!r} must be an integer >= 1")
-    for key in ("model.hidden_sizes", "model.channels"):
-        sizes = _select(cfg, key) or []
-        bad = [s for s in sizes if isinstance(s, int) and s % min(groups, s) != 0]
-        if bad:
-            valid = [d for d in range(1, bad[0] + 1) if all(s % min(d, s) == 0 for s in sizes)]
-            raise ConfigError(
-                f"norm.groups={groups} does not divide the {bad[0]} channels of "
-                f"{key}={list(sizes)}; valid: {', '.join(map(str, valid))}"
-            )
+    check_components(cfg, batch, global_batch)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -130,23 +97,6 @@ def _validate_model(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}=[] is empty: give at least one size, e.g. {key}=[32,32]")
         if sizes is not None and any(not isinstance(s, int) or s < 1 for s in sizes):
             raise ConfigError(f"{key}={list(sizes)} must be positive integers")
-    if str(_select(cfg, "model._target_")).endswith(".VGG"):
-        _validate_vgg(cfg)
-
-
-def _validate_vgg(cfg: DictConfig) -> None:
-    """model=vgg: a known preset, or a layout of channel counts and 'M', that fits the images."""
-    from normlab.data.registry import dataset_info
-    from normlab.models.vgg import check_layout, resolve_layout
-
-    config = _select(cfg, "model.config")
-    config = OmegaConf.to_container(config) if config is not None else None
-    data = _select(cfg, "data.name")
-    try:
-        name, layout = resolve_layout(_select(cfg, "model.preset"), config)
-        check_layout(name, layout, dataset_info(data).input_shape)
-    except ValueError as error:
-        raise ConfigError(f"{error} (data={data})") from None
 
 
 def steps_per_batch(cfg: DictConfig) -> int:

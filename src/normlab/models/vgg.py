@@ -19,13 +19,15 @@ from collections.abc import Sequence
 from torch import nn
 
 from normlab.models.backbones import (
+    Activation,
     Backbone,
     Block,
-    Spec,
+    Init,
+    NormFactory,
     init_weights,
     make_activation,
     make_norm,
-    norm_position,
+    require_images,
 )
 
 Layout = Sequence[int | str]
@@ -53,11 +55,7 @@ def resolve_layout(preset: str | None, config: Layout | None) -> tuple[str, list
 
 def check_layout(name: str, layout: Layout, input_shape: Sequence[int]) -> None:
     """One clear line for a layout that cannot work on this input."""
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"model=vgg needs images (channels, height, width); this data has shape "
-            f"{tuple(input_shape)}: use model=mlp"
-        )
+    require_images("vgg", input_shape)
     if not any(isinstance(item, int) for item in layout):
         raise ValueError(f"{name} has no conv layer; give channel counts, e.g. [16, M, 32, M]")
     for i, item in enumerate(layout):
@@ -85,10 +83,11 @@ class VGG(Backbone):
         num_classes: int,
         preset: str | None = "vgg_small",
         config: Layout | None = None,
-        norm: Spec = "bn",
-        activation: Spec = "relu",
-        init: Spec = "default",
+        norm: NormFactory | None = None,
+        activation: Activation = nn.ReLU,
+        init: Init | None = None,
         dropout: float = 0.0,
+        norm_position: str = "pre",
     ) -> None:
         super().__init__()
         name, layout = resolve_layout(preset, config)
@@ -100,29 +99,35 @@ class VGG(Backbone):
                 continue
             pooled = i + 1 < len(layout) and layout[i + 1] == "M"
             blocks[f"layer{len(blocks) + 1}"] = conv_block(
-                channels, item, norm, activation, dropout, pooled
+                channels, item, norm, activation, dropout, pooled, norm_position
             )
             channels = item
             size = tuple(s // 2 for s in size) if pooled else size
         self.blocks = nn.Sequential(blocks)
         self.flatten = nn.Flatten()
         self.head = nn.Linear(channels * math.prod(size), num_classes)
-        init_weights(self, init, activation)
+        init_weights(self, init)
 
     def forward(self, x):
         return self.head(self.flatten(self.blocks(x)))
 
 
 def conv_block(
-    c_in: int, c_out: int, norm: Spec, activation: Spec, dropout: float, pooled: bool
+    c_in: int,
+    c_out: int,
+    norm: NormFactory | None,
+    activation: Activation,
+    dropout: float,
+    pooled: bool,
+    norm_position: str = "pre",
 ) -> Block:
     """One VGG layer: conv -> norm -> activation (or conv -> activation -> norm with
-    `norm.position=post`) -> dropout -> [max-pool]."""
+    `norm_position="post"`) -> dropout -> [max-pool]."""
     return Block(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-        make_norm(norm, c_out, 2),
+        make_norm(norm, c_out),
         make_activation(activation),
         dropout,
         nn.MaxPool2d(2) if pooled else None,
-        position=norm_position(norm),
+        position=norm_position,
     )

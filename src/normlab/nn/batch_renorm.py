@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d"]
+__all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d"]
 
 
 class _BatchRenorm:
@@ -44,10 +44,15 @@ class _BatchRenorm:
         **kwargs: Any,
     ) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
-        if r_max < 1 or d_max < 0:
-            raise ValueError(f"batch renorm needs r_max >= 1 and d_max >= 0, got {r_max}, {d_max}")
+        if r_max < 1:
+            raise ValueError(f"r_max={r_max} is out of range: batch renorm needs r_max >= 1")
+        if d_max < 0:
+            raise ValueError(f"d_max={d_max} is out of range: batch renorm needs d_max >= 0")
         if not self.track_running_stats:  # type: ignore[attr-defined]
-            raise ValueError("batch renorm corrects towards the running statistics: keep them")
+            raise ValueError(
+                "track_running_stats=False: batch renorm corrects towards the running "
+                "statistics; keep them (true)"
+            )
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.relax_start = relax_start
         self.r_max_full_at, self.d_max_full_at = r_max_full_at, d_max_full_at
@@ -87,3 +92,7 @@ class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
 
 class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
     """Batch Renormalization per channel of images (N, C, H, W)."""
+
+
+class BatchRenorm(_BatchRenorm, BatchNorm):
+    """For any of (N, C), (N, C, L) and (N, C, H, W): per feature or per channel, by input rank."""

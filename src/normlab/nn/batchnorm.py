@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "batch_norm"]
 
 
 def _reduce_dims(x: Tensor) -> int | tuple[int, ...]:
@@ -301,6 +301,7 @@ class _BatchNormBase(nn.Module):
 
     # Version 2 of torch's format introduced `num_batches_tracked`; see _load_from_state_dict.
     _version = 2
+    batch_dependent = True  # training statistics come from the whole batch (normlab.nn.traits)
 
     num_features: int
     eps: float
@@ -459,3 +460,12 @@ class BatchNorm2d(_BatchNormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm(_BatchNormBase):
+    """Our BN for any of (N, C), (N, C, L) and (N, C, H, W): per feature or per channel, by the
+    input's rank (``norm=custom_bn``; the same state_dict as BatchNorm1d/2d)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3, 4):
+            raise ValueError(f"expected 2D, 3D or 4D input (got {input.dim()}D input)")

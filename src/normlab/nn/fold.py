@@ -37,35 +37,27 @@ from itertools import pairwise
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.nn import batchnorm as ours
-from normlab.nn.rms import RMSNorm2d
+from normlab.nn.traits import PER_SAMPLE_TORCH_NORMS, foldable, has_running_stats
 
 __all__ = ["FoldWarning", "fold_batchnorm"]
 
-# Which BN may follow which layer. A Conv's output channels are axis 1, exactly the axis BN
-# normalizes. A Linear's output features are its *last* axis, which is BN's channel axis only
-# for 2-D (N, features) activations -- the case for MLPs; BatchNorm1d on (N, C, L) right after
-# a Linear would not be the per-feature map folded here, so that is assumed not to happen.
-_FOLDABLE: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
-    nn.Linear: (nn.BatchNorm1d, ours.BatchNorm1d),
-    nn.Conv1d: (nn.BatchNorm1d, ours.BatchNorm1d),
-    nn.Conv2d: (nn.BatchNorm2d, ours.BatchNorm2d),
-    nn.Conv3d: (nn.BatchNorm3d,),
+# A norm folds when, in evaluation, it is BN's affine map of its running statistics
+# (normlab.nn.traits.foldable: read from the layer, a user's own included). torch's rank-specific
+# BN classes must also sit on the matching weight layer: a Conv's output channels are axis 1,
+# exactly the axis BN normalizes; a Linear's output features are its *last* axis, which is BN's
+# channel axis only for 2-D (N, features) activations -- the case for MLPs. Rank-agnostic norms
+# (TorchBatchNorm, our BatchNorm, SyncBatchNorm) fit any weight layer.
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RANK_SPECIFIC: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
+    nn.BatchNorm1d: (nn.Linear, nn.Conv1d),
+    ours.BatchNorm1d: (nn.Linear, nn.Conv1d),
+    nn.BatchNorm2d: (nn.Conv2d,),
+    ours.BatchNorm2d: (nn.Conv2d,),
+    nn.BatchNorm3d: (nn.Conv3d,),
 }
-_ANY_BATCH_NORM = (_TorchBatchNorm, ours._BatchNormBase)
-
-
-_PER_SAMPLE_NORMS = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    RMSNorm2d,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-)
 _IDENTITY_IN_EVAL = (nn.Identity, nn.Dropout)
 
 
@@ -110,24 +102,11 @@ def fold_batchnorm(model: nn.Module, report: list[str] | None = None) -> nn.Modu
 def _fold_post_norms(model: nn.Module, names: dict[nn.Module, str], notes: list[str]) -> None:
     """Fold each remaining BN into the next weight layer, or record why it stays."""
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    norms = _declared_norms(model)
     for i, (name, norm) in enumerate(leaves):
-        if isinstance(norm, _PER_SAMPLE_NORMS):
-            _left(
-                notes,
-                name,
-                f"{type(norm).__name__} normalizes each sample by its own "
-                "statistics: not a fixed affine map in evaluation, nothing to fold",
-            )
-            continue
-        if not isinstance(norm, _ANY_BATCH_NORM):
-            continue
-        if norm.running_mean is None or norm.running_var is None:
-            _left(
-                notes,
-                name,
-                "no running statistics (track_running_stats=False): it uses "
-                "batch statistics in evaluation too",
-            )
+        if not foldable(norm):
+            if norm in norms or _looks_like_norm(norm):
+                _left(notes, name, _why_not_foldable(norm))
             continue
         following = [m for _, m in leaves[i + 1 :] if not isinstance(m, _IDENTITY_IN_EVAL)]
         after = following[0] if following else None
@@ -141,6 +120,36 @@ def _fold_post_norms(model: nn.Module, names: dict[nn.Module, str], notes: list[
         notes.append(f"{name}: folded into {names[after]} (after it)")
 
 
+def _declared_norms(model: nn.Module) -> set[nn.Module]:
+    """The norm layers a backbone names (its `norm_layers()`), if it has that method."""
+    norm_layers = getattr(model, "norm_layers", None)
+    return set(norm_layers().values()) if callable(norm_layers) else set()
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    """A norm layer in a model that does not name its norms: torch's, or one that says whether
+    it is batch-dependent (every norm of normlab.nn does)."""
+    if isinstance(module, nn.Identity):
+        return False
+    declares = getattr(type(module), "batch_dependent", None) is not None
+    return declares or isinstance(module, PER_SAMPLE_TORCH_NORMS) or has_running_stats(module)
+
+
+def _why_not_foldable(norm: nn.Module) -> str:
+    kind = type(norm).__name__
+    if has_running_stats(norm):
+        return f"{kind} is not BN's affine map of its running statistics in evaluation"
+    if getattr(norm, "track_running_stats", True) is False or hasattr(norm, "running_mean"):
+        return (
+            "no running statistics (track_running_stats=False): it uses batch statistics in "
+            "evaluation too"
+        )
+    return (
+        f"{kind} normalizes each input by statistics computed at inference (no running "
+        "statistics): not a fixed affine map in evaluation, nothing to fold"
+    )
+
+
 def _left(notes: list[str], name: str, reason: str) -> None:
     notes.append(f"{name}: left in place: {reason}")
     warnings.warn(f"fold_batchnorm: {name} left in place: {reason}", FoldWarning, stacklevel=3)
@@ -148,17 +157,12 @@ def _left(notes: list[str], name: str, reason: str) -> None:
 
 def _post_fold_problem(norm: nn.Module, layer: nn.Module | None) -> str | None:
     """Why ``norm`` cannot fold into the following ``layer`` (None: it can)."""
-    if not isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+    if not isinstance(layer, _WEIGHT_LAYERS):
         kind = "nothing" if layer is None else type(layer).__name__
         return f"no Linear/Conv follows it directly ({kind} comes next)"
     if _uninitialized(layer) or _uninitialized(norm):
         return "uninitialized lazy module"
-    if isinstance(layer, nn.Linear):
-        rank_ok = isinstance(norm, (nn.BatchNorm1d, ours.BatchNorm1d, nn.SyncBatchNorm))
-        channels = layer.in_features
-    else:
-        rank_ok = isinstance(norm, (*_FOLDABLE[type(layer)], nn.SyncBatchNorm))
-        channels = layer.in_channels
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         if layer.groups != 1:
             return "the next conv is grouped"
         if layer.padding_mode != "zeros" or any(p != 0 for p in _padding(layer)):
@@ -166,9 +170,18 @@ def _post_fold_problem(norm: nn.Module, layer: nn.Module | None) -> str | None:
                 "the next conv pads its input with zeros after the BN; folding the BN shift "
                 "into it would be wrong at the borders (exact only with padding=0)"
             )
-    if not rank_ok or norm.num_features != channels:
+    channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    if not _rank_fits(layer, norm) or norm.num_features != channels:
         return f"its {norm.num_features} features do not match the next layer's input"
     return None
+
+
+def _rank_fits(layer: nn.Module, norm: nn.Module) -> bool:
+    """A rank-specific BN class (BatchNorm1d, ...) only fits its own kind of weight layer."""
+    for norm_type, layer_types in _RANK_SPECIFIC.items():
+        if isinstance(norm, norm_type):
+            return isinstance(layer, layer_types)
+    return True
 
 
 def _padding(conv: nn.Module) -> tuple[int, ...]:
@@ -181,19 +194,12 @@ def _padding(conv: nn.Module) -> tuple[int, ...]:
 
 
 def _can_fold(layer: nn.Module, norm: nn.Module) -> bool:
-    if not isinstance(norm, _ANY_BATCH_NORM):
-        return False
-    if norm.running_mean is None or norm.running_var is None:
+    if not isinstance(layer, _WEIGHT_LAYERS) or not foldable(norm):
         return False
     if _uninitialized(layer) or _uninitialized(norm):
         return False
-    for layer_type, norm_types in _FOLDABLE.items():
-        if isinstance(layer, layer_type):
-            channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            # SyncBatchNorm accepts any rank, so it may follow any of these layers.
-            rank_ok = isinstance(norm, (*norm_types, nn.SyncBatchNorm))
-            return rank_ok and norm.num_features == channels
-    return False
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return _rank_fits(layer, norm) and getattr(norm, "num_features", None) == channels
 
 
 def _uninitialized(module: nn.Module) -> bool:

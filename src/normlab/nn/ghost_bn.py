@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
+__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d"]
 
 
 class _GhostBatchNorm:
@@ -31,7 +31,9 @@ class _GhostBatchNorm:
     ) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
         if ghost_batch_size < 2:
-            raise ValueError(f"ghost_batch_size={ghost_batch_size}: it must be at least 2")
+            raise ValueError(
+                f"ghost_batch_size={ghost_batch_size} is out of range: it must be >= 2"
+            )
         self.ghost_batch_size = ghost_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
@@ -40,9 +42,11 @@ class _GhostBatchNorm:
         size = self.ghost_batch_size
         normalize = super().forward  # type: ignore[misc]
         if input.shape[0] % size != 0:
+            batch = input.shape[0]
+            valid = [d for d in range(2, batch + 1) if batch % d == 0]
             raise ValueError(
-                f"ghost_batch_size={size} does not divide the training batch of "
-                f"{input.shape[0]} samples: use a batch size that is a multiple of {size}"
+                f"ghost_batch_size={size} does not divide the training batch of {batch} samples "
+                f"(per process); valid: {', '.join(map(str, valid))}"
             )
         if input.shape[0] == size:
             return normalize(input)
@@ -58,3 +62,7 @@ class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
 
 class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     """Ghost BN per channel of images (N, C, H, W)."""
+
+
+class GhostBatchNorm(_GhostBatchNorm, BatchNorm):
+    """For any of (N, C), (N, C, L) and (N, C, H, W): per feature or per channel, by input rank."""

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
 
-__all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d"]
+__all__ = ["NoisyBatchNorm", "NoisyBatchNorm1d", "NoisyBatchNorm2d"]
 
 
 class _NoisyBatchNorm:
@@ -45,11 +45,10 @@ class _NoisyBatchNorm:
         **kwargs: Any,
     ) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
-        if n_mu < 0 or n_sigma < 1 or r_mu < 0 or r_sigma < 0:
-            raise ValueError(
-                f"noisy BN needs n_mu >= 0, n_sigma >= 1, r_mu >= 0, r_sigma >= 0; got "
-                f"{n_mu}, {n_sigma}, {r_mu}, {r_sigma}"
-            )
+        for key, value, low in (("n_mu", n_mu, 0), ("n_sigma", n_sigma, 1), ("r_mu", r_mu, 0),
+                                ("r_sigma", r_sigma, 0)):
+            if value < low:
+                raise ValueError(f"{key}={value} is out of range: noisy BN needs {key} >= {low}")
         self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
 
     def forward(self, input: Tensor) -> Tensor:
@@ -83,3 +82,7 @@ class NoisyBatchNorm1d(_NoisyBatchNorm, BatchNorm1d):
 
 class NoisyBatchNorm2d(_NoisyBatchNorm, BatchNorm2d):
     """Noisy BN per channel of images (N, C, H, W)."""
+
+
+class NoisyBatchNorm(_NoisyBatchNorm, BatchNorm):
+    """For any of (N, C), (N, C, L) and (N, C, H, W): per feature or per channel, by input rank."""

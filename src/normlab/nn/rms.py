@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm2d"]
+__all__ = ["RMSNorm", "RMSNorm2d"]
 
 
 class RMSNorm2d(nn.Module):
     """``x / sqrt(mean over (C, H, W) of x**2 + eps) * gamma[c]`` for inputs (N, C, H, W)."""
+
+    batch_dependent = False
 
     def __init__(
         self, num_features: int, eps: float | None = None, elementwise_affine: bool = True
@@ -32,3 +34,16 @@ class RMSNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class RMSNorm(RMSNorm2d):
+    """RMSNorm for (N, C) features (``nn.RMSNorm(C)``: over the features, gamma per feature) and
+    (N, C, H, W) images (as RMSNorm2d: over C, H, W, gamma per channel); ``norm=rms``."""
+
+    def __init__(self, num_features: int, eps: float | None = None, affine: bool = True) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == 2:
+            return F.rms_norm(input, (self.num_features,), self.weight, self.eps)
+        return super().forward(input)
