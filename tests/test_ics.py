@@ -339,7 +339,8 @@ def test_activation_summary_numbers():
 
 def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
     torch.manual_seed(0)
-    model = ClassifierModule(MLP((20,), 3, hidden_sizes=(16, 8), norm=part("norm", "bn"), dropout=0.5), 3)
+    backbone = MLP((20,), 3, hidden_sizes=(16, 8), norm=part("norm", "bn"), dropout=0.5)
+    model = ClassifierModule(backbone, 3)
     model.train()
     x = torch.randn(256, 20) * 3 + 2
     buffers = copy.deepcopy(dict(model.named_buffers()))
