@@ -183,7 +183,10 @@ def one_epoch(tmp_path_factory) -> Path:
     ("override", "parts"),
     [
         ("lr=0.5", ("optimizer settings", "lr=0.5 (checkpoint: 0.01)")),
-        ("activation=sigmoid", ("architecture", "activation='sigmoid' (checkpoint: 'relu')")),
+        (
+            "activation=sigmoid",
+            ("architecture", "activation._target_='torch.nn.Sigmoid'", "'torch.nn.ReLU'"),
+        ),
         ("model.hidden_sizes=[16]", ("architecture", "model.hidden_sizes=[16]")),
     ],
 )
@@ -207,7 +210,7 @@ def test_resuming_a_finished_run_changes_nothing(one_epoch):
 def test_checkpoint_stores_its_config_readable_with_weights_only(one_epoch):
     saved = torch.load(one_epoch / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["normlab_config"]["lr"] == 0.01
-    assert saved["normlab_config"]["activation"] == {"name": "relu"}
+    assert saved["normlab_config"]["activation"] == {"_target_": "torch.nn.ReLU"}
 
 
 # ------------------------------------------------------------------ 4. data files

@@ -14,7 +14,7 @@ from normlab.train import train
 BAD_INPUTS = [
     ("norm=foo", "norm='foo' is not valid; choose one of: batch_renorm, bn, custom_bn, ghost_bn"),
     ("data=foo", "data='foo' is not valid; choose one of: cifar10, digits, fashion_mnist, mnist"),
-    ("activation=foo", "activation='foo' is not valid; choose one of: leaky_relu, relu, sigmoid"),
+    ("activation=foo", "activation='foo' is not valid; choose one of: elu, gelu, leaky_relu, relu"),
     ("init=foo", "init='foo' is not valid; choose one of: default, he_normal"),
     ("dropout=1.5", "dropout=1.5 is out of range: it must be in [0, 1)"),
     ("dropout=-0.1", "dropout=-0.1 is out of range: it must be in [0, 1)"),

@@ -26,7 +26,7 @@ def assert_paper_recipe(cfg) -> None:
     assert cfg.model._target_.endswith(".VGG")
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.0
     assert cfg.lr == 0.1 and cfg.data.batch_size == 128
-    assert cfg.init.name == "xavier_normal" and cfg.dropout == 0.0
+    assert cfg.init._target_ == "torch.nn.init.xavier_normal_" and cfg.dropout == 0.0
 
 
 @needs_sgd

@@ -198,7 +198,7 @@ def test_every_experiment_composes_with_digits(name):
 def test_lab09_mnist_bn_is_the_lectures_setup():
     cfg = compose_experiment("lab09_mnist_bn")
     assert cfg.data.name == "mnist" and cfg.data.batch_size == 32
-    assert list(cfg.model.hidden_sizes) == [32, 32] and cfg.activation.name == "relu"
+    assert list(cfg.model.hidden_sizes) == [32, 32] and cfg.activation._target_ == "torch.nn.ReLU"
     assert cfg.lr == 0.01 and cfg.trainer.max_epochs == 10
     assert cfg.hydra.sweeper.params == {"norm": "none,bn"}
 
@@ -206,7 +206,9 @@ def test_lab09_mnist_bn_is_the_lectures_setup():
 def test_cifar10_mlp_is_the_lectures_setup():
     cfg = compose_experiment("cifar10_mlp")
     assert cfg.data.name == "cifar10" and list(cfg.model.hidden_sizes) == [256, 128]
-    assert (cfg.norm.name, cfg.activation.name) == ("bn", "sigmoid")
+    assert (cfg.norm._target_, cfg.activation._target_) == (
+        "normlab.nn.TorchBatchNorm", "torch.nn.Sigmoid"
+    )
     assert cfg.lr == 1e-3 and cfg.dropout == 0.3
 
 

@@ -43,7 +43,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     choices = _group_choices()
     params: dict[str, Any] = {}
     for group in HPARAM_GROUPS:
-        name = choices.get(group) or OmegaConf.select(cfg, f"{group}.name")
+        name = choices.get(group) or _class_name(OmegaConf.select(cfg, f"{group}._target_"))
         if name is not None:
             params[group] = str(name)
     for key, name in HPARAM_KEYS.items():
@@ -51,6 +51,11 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
         if value is not None:
             params[name] = value if isinstance(value, int | float | str | bool) else str(value)
     return params
+
+
+def _class_name(target: str | None) -> str | None:
+    """Outside a Hydra job (no group choices known): the class a group builds, by its name."""
+    return None if target is None else target.rsplit(".", 1)[-1]
 
 
 def _group_choices() -> dict[str, str]:

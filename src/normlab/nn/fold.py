@@ -40,7 +40,12 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab.nn import batchnorm as ours
-from normlab.nn.traits import PER_SAMPLE_TORCH_NORMS, foldable, has_running_stats
+from normlab.nn.traits import (
+    PER_SAMPLE_TORCH_NORMS,
+    batch_dependent,
+    foldable,
+    has_running_stats,
+)
 
 __all__ = ["FoldWarning", "fold_batchnorm"]
 
@@ -144,9 +149,14 @@ def _why_not_foldable(norm: nn.Module) -> str:
             "no running statistics (track_running_stats=False): it uses batch statistics in "
             "evaluation too"
         )
+    if not batch_dependent(norm):
+        return (
+            f"{kind} normalizes each sample by its own statistics: not a fixed affine map in "
+            "evaluation, nothing to fold"
+        )
     return (
-        f"{kind} normalizes each input by statistics computed at inference (no running "
-        "statistics): not a fixed affine map in evaluation, nothing to fold"
+        f"{kind} has no running statistics: it normalizes by statistics computed at inference, "
+        "not a fixed affine map in evaluation, nothing to fold"
     )
 
 
