@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normlab.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
-from normlab.runs import Series, read_scalars
+from normlab.runs import Series, read_choices, read_scalars
 
 # One colour per norm, the one TensorBoard gives its first run (normlab.plotstyle); set by draw().
 NORM_COLORS: dict[str, str] = {}
@@ -55,7 +55,7 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
             runs.append(
                 Run(
                     directory,
-                    str(OmegaConf.select(cfg, "norm.name", default="none")),
+                    read_choices(directory).get("norm", "none"),
                     float(cfg.lr),
                     int(cfg.seed),
                     status,

@@ -18,8 +18,9 @@ import santurkar  # noqa: E402
 def fake_run(directory: Path, norm: str, seed: int, scale: float, lr: float = 0.1) -> None:
     """A run dir as train.py leaves it, landscape numbers `scale` x a known curve."""
     (directory / ".hydra").mkdir(parents=True)
-    (directory / ".hydra" / "config.yaml").write_text(
-        f"seed: {seed}\nlr: {lr}\nnorm:\n  name: {norm}\n"
+    (directory / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nlr: {lr}\n")
+    (directory / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices:\n      norm: {norm}\n"
     )
     (directory / "metrics.json").write_text(json.dumps({"status": "ok"}))
     writer = SummaryWriter(str(directory / "tensorboard"))

@@ -24,6 +24,7 @@ from normlab.runs import (
     last_hidden_layer,
     layers_with,
     parse_overrides,
+    read_choices,
     read_config,
     read_job,
     read_scalars,
@@ -52,9 +53,7 @@ def describe(run_dir: Path) -> tuple[str, int | None]:
     """(norm name, seed) of a run, from Hydra's saved config or the recorded overrides."""
     cfg = read_config(run_dir)
     if cfg is not None:
-        from omegaconf import OmegaConf
-
-        return str(OmegaConf.select(cfg, "norm.name", default="run")), cfg.get("seed")
+        return read_choices(run_dir).get("norm", "run"), cfg.get("seed")
     overrides = parse_overrides(read_job(run_dir).get("overrides", []))
     seed = overrides.get("seed")
     return overrides.get("norm", "run"), int(seed) if seed and seed.isdigit() else None
@@ -71,9 +70,10 @@ def load_runs(paths: Sequence[Path | str]) -> list[RunCurves]:
 
 
 def by_norm(runs: Sequence[RunCurves]) -> dict[str, list[RunCurves]]:
-    """Runs grouped by norm, `none` first (the paper's left panel)."""
+    """Runs grouped by norm, in the order the sweep ran them (`norm=none,bn`: the paper's left
+    panel first)."""
     groups: dict[str, list[RunCurves]] = {}
-    for run in sorted(runs, key=lambda r: (r.norm != "none", r.norm, r.seed or 0)):
+    for run in sorted(runs, key=lambda r: r.seed or 0):
         groups.setdefault(run.norm, []).append(run)
     return groups
 

@@ -115,6 +115,17 @@ def read_config(job_dir: Path) -> Any:
     return OmegaConf.load(path)
 
 
+def read_choices(job_dir: Path) -> dict[str, str]:
+    """The config group choices of the job (`norm: bn`, ...) as Hydra saved them, or {}."""
+    path = Path(job_dir) / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices", default={})
+    return {str(k): str(v) for k, v in choices.items() if v is not None}
+
+
 def _job_key(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 

@@ -158,8 +158,10 @@ def check_components(cfg: DictConfig, batch: int, global_batch: int) -> None:
     with torch.random.fork_rng():
         try:
             model = build_backbone(cfg, info.input_shape, info.num_classes)
-        except ConfigError as error:  # the backbone is sized by the data: say which
-            raise ConfigError(f"{error} (data={cfg.data.name})") from error
+        except ConfigError as error:
+            if not str(error).startswith("model"):
+                raise
+            raise ConfigError(f"{error} (data={cfg.data.name})") from error  # sized by the data
         norms = model.norm_layers() if hasattr(model, "norm_layers") else {}
         dependent = [type(n).__name__ for n in norms.values() if batch_dependent(n)]
         if dependent and batch < 2:
