@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normlab.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
-from normlab.runs import Series, read_scalars
+from normlab.results.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
+from normlab.results.runs import Series, read_scalars
 
-# One colour per norm, the one TensorBoard gives its first run (normlab.plotstyle); set by draw().
+# One colour per norm, the one TensorBoard gives its first run (normlab.results.plotstyle);
+# set by draw().
 NORM_COLORS: dict[str, str] = {}
 PERCENTILE_STYLES = {"p85": "--", "p50": "-", "p15": "--"}
 

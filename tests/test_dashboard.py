@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 from conftest import compose_cfg, event_tags, run_cli
 
-from normlab.dashboard import hparams_of, run_name
-from normlab.ics.callbacks import GradShift, ics_layout
+from normlab.callbacks.ics import GradShift, ics_layout
+from normlab.results.dashboard import hparams_of, run_name
 
 
 def test_hparams_name_the_choices(tmp_path):

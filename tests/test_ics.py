@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
+from normlab.callbacks.ics import GradShift, ICSMonitor, StepCadence, WeightStats
+from normlab.callbacks.measure import distribution_stats, grad_shift, probe_activations
+from normlab.callbacks.summary import activation_summary
 from normlab.data.datamodule import NormLabDataModule
-from normlab.ics.callbacks import GradShift, ICSMonitor, StepCadence, WeightStats
-from normlab.ics.measure import distribution_stats, grad_shift, probe_activations
-from normlab.ics.summary import activation_summary
 from normlab.models.backbones import MLP
 from normlab.models.module import ClassifierModule
-from normlab.runs import read_scalars
+from normlab.results.runs import read_scalars
 
 EVERY = 5
 STEPS_PER_BATCH = 3

@@ -16,9 +16,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
 from torch import nn
 
-from normlab.ics.landscape import LossLandscape, landscape, probe_module, step_sizes
+from normlab.callbacks.landscape import LossLandscape, landscape, probe_module, step_sizes
 from normlab.models.vgg import VGG
-from normlab.runs import read_scalars
+from normlab.results.runs import read_scalars
 from normlab.train import build_module, train
 
 ETAS = step_sizes(0.1, 8)

@@ -1,4 +1,5 @@
-"""normlab.report on hand-made sweep dirs: grouping, statistics, markdown, plots, failed jobs."""
+"""normlab.results.report on hand-made sweep dirs: grouping, statistics, markdown, plots,
+failed jobs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from normlab.report import (
+from normlab.results.report import (
     ICS_YLABEL,
     METRICS,
     epoch_curve,

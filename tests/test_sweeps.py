@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from normlab.config import CONFIG_DIR
-from normlab.runs import collect_jobs
+from normlab.results.runs import collect_jobs
 
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false"]

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from normlab.config import CONFIG_DIR
+from normlab.config.validate import ConfigError, group_choices, validate
 from normlab.models.backbones import Block
 from normlab.models.vgg import PRESETS, VGG
 from normlab.train import train
-from normlab.validate import ConfigError, group_choices, validate
 
 
 def composed_norm(name: str) -> dict:

@@ -5,7 +5,7 @@ files, never model code. Jobs whose overrides differ only in `seed` form a group
 numbers are the mean and std over its seeds. Failed jobs count in the status columns and add
 nothing else, so a partly failed sweep still gets a report; a job whose metrics.json cannot be
 read is listed in `Report.skipped`. Each group has one colour in every figure, the colour
-TensorBoard gives its first run (`normlab.plotstyle`).
+TensorBoard gives its first run (`normlab.results.plotstyle`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,22 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from normlab import runs
-from normlab.plotstyle import group_colors, save_figure, seeds_label, start_time, tensorboard_order
-from normlab.runs import METRICS_FILE, STATUSES, job_dirs, override_key, read_job, sorted_layers
+from normlab.results import runs
+from normlab.results.plotstyle import (
+    group_colors,
+    save_figure,
+    seeds_label,
+    start_time,
+    tensorboard_order,
+)
+from normlab.results.runs import (
+    METRICS_FILE,
+    STATUSES,
+    job_dirs,
+    override_key,
+    read_job,
+    sorted_layers,
+)
 
 METRICS = ("val/acc", "test/acc", "train/acc", "train/loss")
 CURVES = {"val/acc": "validation accuracy", "train/loss": "training loss"}

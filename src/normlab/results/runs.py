@@ -35,7 +35,7 @@ Series = dict[str, dict[int, float]]  # tag -> {optimizer step: value}
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write `<output_dir>/metrics.json` atomically (a temporary file beside it, then rename;
     never a half-written or left-over temporary file, also on a full disk)."""
-    from normlab.atomic import atomic_write_bytes
+    from normlab.run.atomic import atomic_write_bytes
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Config checks that run before any work: one clear line per mistake, naming key, value, and
 what is valid.
 
-`validate` checks the composed values of one run; `normlab.preflight` calls it on the command
+`validate` checks the composed values of one run; `normlab.config.preflight` calls it on the command
 line's config before Hydra starts, and `normlab.train.train` again for each job.
 """
 
@@ -63,7 +63,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_trainer(cfg)
     _validate_manual_optimization(cfg)
     if cfg.get("ckpt_path"):
-        from normlab.resume import check_resume
+        from normlab.run.resume import check_resume
 
         check_resume(cfg, check_checkpoint(Path(cfg.ckpt_path)))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normlab.ics.callbacks import RecordingCallback, StepCadence, log_scalars
+from normlab.callbacks.ics import RecordingCallback, StepCadence, log_scalars
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")

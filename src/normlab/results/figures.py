@@ -3,8 +3,8 @@ p15/p50/p85 of the last hidden layer's nonlinearity input vs step.
 
 Reads only what runs left on disk (event files, `.hydra/config.yaml`, `metrics.json`), never
 model code. Each norm has one colour (the one TensorBoard gives its first run, see
-`normlab.plotstyle`): p50 solid, p15 and p85 dashed around a light band; with several seeds the
-lines are seed means and each seed's p50 is drawn thin.
+`normlab.results.plotstyle`): p50 solid, p15 and p85 dashed around a light band; with several
+seeds the lines are seed means and each seed's p50 is drawn thin.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works headles
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from normlab.plotstyle import group_colors, save_figure, seeds_label, start_time, tensorboard_order
-from normlab.runs import (
+from normlab.results.plotstyle import (
+    group_colors,
+    save_figure,
+    seeds_label,
+    start_time,
+    tensorboard_order,
+)
+from normlab.results.runs import (
     Series,
     last_hidden_layer,
     layers_with,

@@ -70,7 +70,7 @@ def log_hparams(trainer: Any, cfg: DictConfig) -> None:
 
     if not trainer.is_global_zero:
         return
-    from normlab.runs import is_multirun
+    from normlab.results.runs import is_multirun
 
     log_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     experiment, start, end = hparams(hparams_of(cfg), dict.fromkeys(HPARAM_METRICS, 0.0))
@@ -106,8 +106,8 @@ def write_sweep_figures(sweep_dir: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from torch.utils.tensorboard import SummaryWriter
 
-    from normlab import report
-    from normlab.runs import collect_jobs
+    from normlab.results import report
+    from normlab.results.runs import collect_jobs
 
     jobs = report.jobs_frame(sweep_dir)
     scalars = {job: report.read_scalars(sweep_dir / job) for job in jobs["job"]}

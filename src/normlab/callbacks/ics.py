@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from normlab.ics.measure import (
+from normlab.callbacks.measure import (
     check_probe_mode,
     distribution_stats,
     grad_norm,
@@ -32,8 +32,8 @@ from normlab.ics.measure import (
     probe_activations,
     probe_batch,
 )
-from normlab.ics.summary import activation_summary, grad_shift_summary
-from normlab.runs import Series, read_scalars, sorted_layers
+from normlab.callbacks.summary import activation_summary, grad_shift_summary
+from normlab.results.runs import Series, read_scalars, sorted_layers
 
 # ---------------------------------------------------------------- cadence
 
