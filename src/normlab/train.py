@@ -18,9 +18,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks.summary import merge_summaries
-from normlab.config import CONFIG_DIR
+from normlab.config import CONFIG_DIR, one_line
 from normlab.config.resolvers import register_resolvers
-from normlab.config.validate import one_line, validate
+from normlab.config.validate import validate
 from normlab.results import dashboard
 from normlab.results.runs import METRICS, is_multirun, task_overrides, write_metrics
 from normlab.run import process

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from normlab.config.validate import ConfigError
+from normlab.config.errors import ConfigError
 from normlab.run import signals
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.config.validate import ConfigError
+from normlab.config.errors import ConfigError
 
 CONFIG_KEY = "normlab_config"
 ARCHITECTURE = ("model", "norm", "activation", "dropout", "data.name")
