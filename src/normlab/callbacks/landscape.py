@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from normlab.callbacks.ics import RecordingCallback, StepCadence, log_scalars
+from normlab.callbacks.no_trace import rng_rewinder, rng_untouched
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
@@ -91,14 +92,10 @@ def training_loss_at(
     buffers (BN's running statistics move in the copies only) and the same random draws at every
     call (the caller forks the RNG around the whole probe)."""
     buffers = dict(module.named_buffers())
-    devices = [x.device] if x.device.type == "cuda" else []
-    cpu_state = torch.get_rng_state()
-    gpu_states = [torch.cuda.get_rng_state(d) for d in devices]
+    rewind = rng_rewinder([x.device] if x.device.type == "cuda" else [])
 
     def loss_at(params: Params) -> torch.Tensor:
-        torch.set_rng_state(cpu_state)
-        for device, state in zip(devices, gpu_states, strict=True):
-            torch.cuda.set_rng_state(state, device)
+        rewind()
         copies = {name: b.clone() for name, b in buffers.items()}
         return F.cross_entropy(functional_call(module, (params, copies), (x,)), y)
 
@@ -120,8 +117,7 @@ def probe_module(
     direction = {n: p.grad.detach() for n, p in params.items()}
     frozen = {n: p.detach() for n, p in named.items() if n not in params}
     etas = step_sizes(optimizer.param_groups[0]["lr"], num_points, eta_range)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with rng_untouched(x.device):
         loss_on_batch = training_loss_at(module, x, y)
         return landscape(lambda p: loss_on_batch({**frozen, **p}), params, direction, etas)
 
