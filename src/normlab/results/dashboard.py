@@ -110,7 +110,7 @@ def write_sweep_figures(sweep_dir: Path) -> Path:
     from normlab.results.runs import collect_jobs
 
     jobs = report.jobs_frame(sweep_dir)
-    scalars = {job: report.read_scalars(sweep_dir / job) for job in jobs["job"]}
+    scalars = report.job_scalars(sweep_dir, jobs)
     figures = {
         "comparison/ics_bands": report.plot_ics(jobs, scalars),
         "comparison/accuracy": report.plot_curves(jobs, scalars),

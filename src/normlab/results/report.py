@@ -70,7 +70,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "report.csv"]
     groups.to_csv(files[0], index=False)
-    scalars = {job: read_scalars(sweep_dir / job) for job in jobs["job"]}
+    scalars = job_scalars(sweep_dir, jobs)
     files += save_figure(plot_curves(jobs, scalars), out_dir / "report_curves", formats)
     files += save_figure(plot_ics(jobs, scalars), out_dir / "report_ics", formats)
     skipped = [f"skipped {error}" for error in jobs.loc[jobs["unreadable"], "error"]]
@@ -214,11 +214,14 @@ def _status_counts(row: pd.Series) -> str:
 # ---------------------------------------------------------------- event files
 
 
-def read_scalars(job_dir: Path) -> dict[str, pd.Series]:
-    """Every scalar tag in the job's event files: tag -> values indexed by step."""
+def job_scalars(sweep_dir: Path, jobs: pd.DataFrame) -> dict[str, dict[str, pd.Series]]:
+    """Every job's scalars (`runs.read_scalars`) as pandas: job -> tag -> values indexed by step."""
     return {
-        tag: pd.Series(points, dtype=float).sort_index()
-        for tag, points in runs.read_scalars(job_dir).items()
+        job: {
+            tag: pd.Series(points, dtype=float).sort_index()
+            for tag, points in runs.read_scalars(sweep_dir / job).items()
+        }
+        for job in jobs["job"]
     }
 
 

@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 # Final metrics of a run, in the order tables show them.
@@ -165,6 +166,15 @@ def read_scalars(directory: Path | str, prefix: str = "") -> Series:
                 points = series.setdefault(tag, {})
                 points.update({event.step: event.value for event in accumulator.Scalars(tag)})
     return series
+
+
+def mean_curve(curves: Iterable[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """Mean over curves (`{step: value}`) at the steps all of them have; empty ones are left out."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [fmean(c[s] for c in curves) for s in steps]
 
 
 # ---------------------------------------------------------------- layers
