@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, run_cli
 from hydra.utils import instantiate
 
-from normlab.config import CONFIG_DIR
 from normlab.results.runs import collect_jobs
 
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -130,11 +128,10 @@ def test_submitit_slurm_config_composes_and_reaches_sbatch(tmp_path, monkeypatch
     """No SLURM here: compose, instantiate the launcher, read the sbatch script it would submit."""
     import submitit
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
-            "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}",
-        ])
+    cfg = compose_config(
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}", hydra=True,
+    )
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     assert launcher.params["partition"] == "gpu" and launcher.params["gpus_per_node"] == 1
@@ -180,41 +177,18 @@ def test_ddp_cpu_in_a_multirun_leaves_one_dir_per_job(tmp_path):
 # ------------------------------------------------------------------ experiments
 
 
-def compose_experiment(name: str, *overrides: str):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"experiment={name}", *overrides],
-                       return_hydra_config=True)
-
-
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_with_digits(name):
-    cfg = compose_experiment(name, "data=digits")
+    cfg = compose_config(f"experiment={name}", "data=digits", hydra=True)
     assert cfg.data.name == "digits"
     for key, values in (cfg.hydra.sweeper.params or {}).items():
         for value in values.split(","):
-            compose_experiment(name, "data=digits", f"{key}={value}")
-
-
-def test_lab09_mnist_bn_is_the_lectures_setup():
-    cfg = compose_experiment("lab09_mnist_bn")
-    assert cfg.data.name == "mnist" and cfg.data.batch_size == 32
-    assert list(cfg.model.hidden_sizes) == [32, 32] and cfg.activation.name == "relu"
-    assert cfg.lr == 0.01 and cfg.trainer.max_epochs == 10
-    assert cfg.hydra.sweeper.params == {"norm": "none,bn"}
-
-
-def test_cifar10_mlp_is_the_lectures_setup():
-    cfg = compose_experiment("cifar10_mlp")
-    assert cfg.data.name == "cifar10" and list(cfg.model.hidden_sizes) == [256, 128]
-    assert (cfg.norm.name, cfg.activation.name) == ("bn", "sigmoid")
-    assert cfg.lr == 1e-3 and cfg.dropout == 0.3
+            compose_config(f"experiment={name}", "data=digits", f"{key}={value}")
 
 
 def test_optuna_sweeper_config_composes_when_the_plugin_is_installed():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # optional: hydra-optuna-sweeper
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/sweeper=optuna_lr_dropout"],
-                      return_hydra_config=True)
+    cfg = compose_config("hydra/sweeper=optuna_lr_dropout", hydra=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper.direction == "maximize" and set(sweeper.params) == {"lr", "dropout"}
     assert type(instantiate(sweeper)).__name__ == "OptunaSweeper"
