@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import compose_cfg, event_tags, get_json, run_cli, tensorboard_server, wait_for_json
 
-from normlab.callbacks.ics import GradShift, ics_layout
-from normlab.results.dashboard import hparams_of, run_name
+from normlab.callbacks.ics import GradShift
+from normlab.results.dashboard import hparams_of, ics_layout, run_name
 
 
 def test_hparams_name_the_choices(tmp_path):

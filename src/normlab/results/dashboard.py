@@ -5,6 +5,8 @@
   conf/logger/tensorboard.yaml.
 - Each run records its swept choices as hparams with `val/acc` and `test/acc` as metrics, so the
   HPARAMS tab compares a whole sweep.
+- The custom-scalars dashboard of a run (`ics_layout`; written by the ICS callbacks, with the
+  sections other callbacks contribute): each layer's p15..p85 band, in forward order.
 - When a sweep ends, the report's figures (accuracy curves, ICS bands per group and layer) are
   written as images into `<sweep dir>/tensorboard/_sweep`: the landing page (Time Series) shows
   the comparison first.
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from normlab.results.runs import sorted_layers
 
 # Config groups whose chosen option is an hparam, and top-level keys that are.
 HPARAM_GROUPS = ("data", "model", "norm", "activation", "init", "optimizer", "scheduler")
@@ -135,3 +139,21 @@ def tensorboard_hint(sweep_dir: Path) -> str:
         "  http://localhost:6006/#custom_scalars  ICS: p15-p85 band per layer, runs overlaid\n"
         "  http://localhost:6006/#hparams         every job's choices with val/acc and test/acc"
     )
+
+
+Layout = dict[str, dict[str, list]]
+
+
+def ics_layout(layers: list[str], sections: Layout | None = None, grads: bool = True) -> Layout:
+    """The p15..p85 band (margin chart around p50) of each layer's input, in forward order;
+    then the sections other callbacks contribute; then gradient norms when they are logged."""
+    layout: Layout = {
+        "ICS: input of each nonlinearity (p50, band p15-p85)": {
+            layer: ["Margin", [f"ics/{layer}/p50", f"ics/{layer}/p15", f"ics/{layer}/p85"]]
+            for layer in sorted_layers(layers)
+        },
+        **(sections or {}),
+    }
+    if grads:
+        layout["Gradient norms"] = {"grads": ["Multiline", [r"grads/.*/norm"]]}
+    return layout
