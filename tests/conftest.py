@@ -67,6 +67,14 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     )
 
 
+
+def cli_error(*args: str) -> str:
+    """`python train.py ARGS` must fail with one line and no traceback: that line."""
+    proc = run_cli(*args)
+    assert proc.returncode != 0, proc.stdout[-500:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
 def assert_identical(a, b) -> None:
     """Nested dicts/lists/tuples of tensors and plain values are equal, tensors bit for bit."""
     if isinstance(a, dict):
