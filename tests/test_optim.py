@@ -173,6 +173,7 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps(tmp_path, steps_pe
     assert saved(tmp_path)["global_step"] == 45
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_max_steps_100_in_metrics_json_through_the_cli(tmp_path):
     proc = run_cli("trainer.max_steps=100", "trainer.max_epochs=-1", "~callbacks",
                    f"hydra.run.dir={tmp_path}")
@@ -195,6 +196,7 @@ def test_divergence_stops_at_the_first_non_finite_loss(tmp_path):
     assert stacked["steps"] == stacked["diverged_at_step"] == one["steps"]
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_old_steps_per_call_key_still_works_with_one_warning_line(tmp_path):
     proc = run_cli("data.steps_per_call=5", "trainer.max_steps=7", "trainer.max_epochs=-1",
                    "~callbacks", f"hydra.run.dir={tmp_path}")

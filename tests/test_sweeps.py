@@ -35,7 +35,9 @@ def jobs_by_override(sweep_dir: Path, key: str) -> dict[str, dict]:
 # ------------------------------------------------------------------ failure isolation
 
 
-@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["basic", "joblib"])
+@pytest.mark.parametrize(
+    "launcher", [[], pytest.param(JOBLIB, marks=pytest.mark.slow)], ids=["basic", "joblib"]
+)
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path, launcher):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -53,6 +55,7 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path, launcher):
     assert "1 job(s) failed" in out.stderr
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_a_diverging_job_is_stopped_and_recorded(tmp_path):
     out = sweep(tmp_path / "s", "lr=0.01,1e20", "init=normal", "norm=none", "trainer.max_epochs=2")
     assert out.returncode == 0, out.stderr[-2000:]  # diverged is a result, not a failure
@@ -88,6 +91,7 @@ def joblib_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return sweep_dir, out
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_joblib_launcher_runs_a_four_job_sweep(joblib_sweep):
     sweep_dir, out = joblib_sweep
     assert out.returncode == 0, out.stderr[-2000:]
@@ -104,6 +108,7 @@ def test_joblib_launcher_runs_a_four_job_sweep(joblib_sweep):
     assert "4 jobs: 4 ok" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_report_on_a_real_sweep(joblib_sweep):
     sweep_dir, _ = joblib_sweep
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir)],
