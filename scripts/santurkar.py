@@ -21,9 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normlab.callbacks.landscape import loss_band
 from normlab.results.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
-from normlab.results.runs import Series, mean_curve, read_scalars
+from normlab.results.runs import Series, loss_band, mean_curve, read_scalars
 
 # One colour per norm, the one TensorBoard gives its first run (normlab.results.plotstyle);
 # set by draw().

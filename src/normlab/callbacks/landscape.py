@@ -31,16 +31,10 @@ from torch.func import functional_call
 
 from normlab.callbacks.ics import RecordingCallback, StepCadence, log_scalars
 from normlab.callbacks.no_trace import rng_rewinder, rng_untouched
-from normlab.results.runs import Series
+from normlab.results.runs import loss_band
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
-
-
-def loss_band(series: Series) -> dict[int, float]:
-    """`{step: loss_max - loss_min}`: the spread of the loss along the gradient at each step."""
-    lows, highs = series.get("landscape/loss_min", {}), series.get("landscape/loss_max", {})
-    return {s: highs[s] - lows[s] for s in lows if s in highs}
 
 
 def step_sizes(lr: float, num_points: int, eta_range: Sequence[float] = (0.5, 4.0)) -> list[float]:

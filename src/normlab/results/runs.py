@@ -177,6 +177,13 @@ def mean_curve(curves: Iterable[dict[int, float]]) -> tuple[list[int], list[floa
     return steps, [fmean(c[s] for c in curves) for s in steps]
 
 
+def loss_band(series: Series) -> dict[int, float]:
+    """`{step: loss_max - loss_min}`: the spread of the loss along the gradient at each step
+    (`landscape/*` scalars of the loss-landscape probe)."""
+    lows, highs = series.get("landscape/loss_min", {}), series.get("landscape/loss_max", {})
+    return {s: highs[s] - lows[s] for s in lows if s in highs}
+
+
 # ---------------------------------------------------------------- layers
 
 
