@@ -265,7 +265,7 @@ def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, flo
 def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, float]:
     """Per norm choice: normlab's epoch time with that norm / with norm=none (same data)."""
     from normlab.config import CONFIG_DIR
-    from normlab.validate import group_choices
+    from normlab.config.validate import group_choices
 
     images, labels = mnist_shaped(n)
     x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - 0.1307) / 0.3081

@@ -138,7 +138,7 @@ def _variant(cfg: DictConfig, with_ics: bool, epochs: int) -> DictConfig:
     variant = cfg.copy()
     ics = {
         name: c for name, c in (cfg.callbacks or {}).items()
-        if c is not None and with_ics and c._target_.startswith("normlab.ics.")
+        if c is not None and with_ics and c._target_.startswith("normlab.callbacks.")
     }
     with open_dict(variant):
         variant.callbacks = ics

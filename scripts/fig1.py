@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from normlab.figures import draw_fig1, load_runs
-from normlab.plotstyle import FORMATS, parse_formats
+from normlab.results.figures import draw_fig1, load_runs
+from normlab.results.plotstyle import FORMATS, parse_formats
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from normlab.plotstyle import FORMATS, parse_formats
-from normlab.report import write_report
+from normlab.results.plotstyle import FORMATS, parse_formats
+from normlab.results.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normlab.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
-from normlab.runs import Series, read_choices, read_scalars
+from normlab.results.plotstyle import PNG_DPI, group_colors, start_time, tensorboard_order
+from normlab.results.runs import (
+    Series,
+    loss_band,
+    mean_curve,
+    read_choices,
+    read_scalars,
+)
 
-# One colour per norm, the one TensorBoard gives its first run (normlab.plotstyle); set by draw().
+# One colour per norm, the one TensorBoard gives its first run (normlab.results.plotstyle);
+# set by draw().
 NORM_COLORS: dict[str, str] = {}
 PERCENTILE_STYLES = {"p85": "--", "p50": "-", "p15": "--"}
 
@@ -65,24 +72,10 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
     return runs
 
 
-def mean_curve(curves: Sequence[dict[int, float]]) -> tuple[list[int], list[float]]:
-    """Mean over curves at the steps all of them have."""
-    curves = [c for c in curves if c]
-    if not curves:
-        return [], []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
-
-
 def early_mean(curve: dict[int, float], last_step: int) -> float:
     """Mean of a curve over the steps <= last_step (nan when it has none)."""
     values = [v for s, v in curve.items() if s <= last_step and math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
-
-
-def loss_band(series: Series) -> dict[int, float]:
-    lows, highs = series.get("landscape/loss_min", {}), series.get("landscape/loss_max", {})
-    return {s: highs[s] - lows[s] for s in lows if s in highs}
 
 
 def mean_std(values: Sequence[float]) -> str:

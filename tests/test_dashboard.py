@@ -3,18 +3,13 @@ custom-scalars layout. The slow test reads a real TensorBoard server's HTTP API.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
-from conftest import compose_cfg, event_tags, run_cli
+from conftest import compose_cfg, event_tags, get_json, run_cli, tensorboard_server, wait_for_json
 
-from normlab.dashboard import hparams_of, run_name
-from normlab.ics.callbacks import GradShift, ics_layout
+from normlab.callbacks.ics import GradShift
+from normlab.results.dashboard import hparams_of, ics_layout, run_name
 
 
 def test_hparams_name_the_choices(tmp_path):
@@ -43,19 +38,6 @@ def test_layout_lists_layers_in_forward_order_and_only_logged_sections():
     assert "Gradient norms" not in with_shift
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, body: dict | None = None) -> object:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 @pytest.mark.slow
 def test_tensorboard_shows_a_sweep_at_a_glance(tmp_path):
     sweep = tmp_path / "sweep"
@@ -63,42 +45,19 @@ def test_tensorboard_shows_a_sweep_at_a_glance(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"tensorboard --logdir {sweep}" in done.stdout
     assert "preact/layer1" in event_tags(sweep / "0")["histograms"]
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
-         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/data"
-    try:
-        runs = _wait_for_runs(base, expected=3)
+    with tensorboard_server(sweep) as base:
+        runs = sorted(wait_for_json(f"{base}/runs", lambda answer: len(answer) >= 3))
+        time.sleep(2)  # let the plugins finish their first load
         assert runs == ["0/tensorboard/norm=none,trainer.max_epochs=2",
                         "1/tensorboard/norm=bn,trainer.max_epochs=2", "tensorboard/_sweep"]
-        experiment = _get(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
+        experiment = get_json(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
         norm = next(h for h in experiment["hparamInfos"] if h["name"] == "norm")
         assert sorted(norm["domainDiscrete"]) == ["bn", "none"]
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert metrics == {"val/acc", "test/acc"}
-        images = _get(f"{base}/plugin/images/tags")
+        images = get_json(f"{base}/plugin/images/tags")
         assert set(images["tensorboard/_sweep"]) == {"comparison/ics_bands", "comparison/accuracy"}
-        layout = _get(f"{base}/plugin/custom_scalars/layout")
+        layout = get_json(f"{base}/plugin/custom_scalars/layout")
         charts = [c["title"] for cat in layout["category"] for c in cat["chart"]]
         assert charts == ["layer1", "layer2", "grads"]  # forward order; no empty grad-shift section
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _wait_for_runs(base: str, expected: int, timeout: float = 120) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            runs = _get(f"{base}/runs")
-            if len(runs) >= expected:
-                time.sleep(2)  # let the plugins finish their first load
-                return sorted(runs)
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"TensorBoard served no {expected} runs in {timeout} s")
-        time.sleep(1)
 

@@ -18,8 +18,8 @@ from matplotlib.text import Text
 from PIL import Image
 from test_report import make_job
 
-from normlab.figures import fig1_figure, load_runs
-from normlab.plotstyle import (
+from normlab.results.figures import fig1_figure, load_runs
+from normlab.results.plotstyle import (
     TENSORBOARD_PALETTE,
     group_colors,
     parse_formats,
@@ -27,7 +27,7 @@ from normlab.plotstyle import (
     start_time,
     tensorboard_order,
 )
-from normlab.report import jobs_frame, plot_curves, plot_ics, read_scalars, write_report
+from normlab.results.report import job_scalars, jobs_frame, plot_curves, plot_ics, write_report
 
 NONE_COLOR, BN_COLOR = TENSORBOARD_PALETTE[:2]
 
@@ -44,7 +44,7 @@ def sweep_of(tmp_path: Path, norms: list[str], seeds: list[int]) -> Path:
 
 def report_figures(sweep: Path):
     jobs = jobs_frame(sweep)
-    scalars = {job: read_scalars(sweep / job) for job in jobs["job"]}
+    scalars = job_scalars(sweep, jobs)
     return plot_curves(jobs, scalars), plot_ics(jobs, scalars)
 
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -18,19 +15,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_identical, compose_cfg, part
+from conftest import (
+    ROOT,
+    assert_identical,
+    compose_cfg,
+    get_json,
+    part,
+    tensorboard_server,
+    wait_for_json,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
+from normlab.callbacks.ics import GradShift, ICSMonitor, StepCadence, WeightStats
+from normlab.callbacks.measure import distribution_stats, grad_shift, probe_activations
+from normlab.callbacks.summary import activation_summary
 from normlab.data.datamodule import NormLabDataModule
-from normlab.ics.callbacks import GradShift, ICSMonitor, StepCadence, WeightStats
-from normlab.ics.measure import distribution_stats, grad_shift, probe_activations
-from normlab.ics.summary import activation_summary
 from normlab.models.backbones import MLP
 from normlab.models.module import ClassifierModule
-from normlab.runs import read_scalars
+from normlab.results.runs import read_scalars
 
 EVERY = 5
 STEPS_PER_BATCH = 3
@@ -267,45 +272,20 @@ def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
     assert_identical(measured, plain)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fetch_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
 def test_tensorboard_server_serves_the_ics_tags(icsrun):
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(icsrun["root"] / "tb"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin"
-    try:
-        histograms = {}
-        for _ in range(60):
-            try:
-                histograms = fetch_json(f"{base}/histograms/tags")
-            except OSError:
-                histograms = {}
-            if any("preact/layer1" in tags for tags in histograms.values()):
-                break
-            time.sleep(1)
+    with tensorboard_server(icsrun["root"] / "tb") as data:
+        base = f"{data}/plugin"
+        histograms = wait_for_json(
+            f"{base}/histograms/tags",
+            lambda answer: any("preact/layer1" in tags for tags in answer.values()),
+        )
         run_tags = next(iter(histograms.values()))
         assert {"preact/layer1", "preact/layer2", "weights/head"} <= set(run_tags)
-        scalars = next(iter(fetch_json(f"{base}/scalars/tags").values()))
+        scalars = next(iter(get_json(f"{base}/scalars/tags").values()))
         assert {f"ics/layer2/{s}" for s in ("p15", "p50", "p85", "mean", "std", "grad_shift")} \
             <= set(scalars)
-        layout = json.dumps(fetch_json(f"{base}/custom_scalars/layout"))
+        layout = json.dumps(get_json(f"{base}/custom_scalars/layout"))
         assert "ics/layer2/p85" in layout and "MARGIN" in layout.upper()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_fig1_script_draws_a_png_from_a_short_sweep(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -16,9 +15,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
 from torch import nn
 
-from normlab.ics.landscape import LossLandscape, landscape, probe_module, step_sizes
+from normlab.callbacks.landscape import LossLandscape, landscape, probe_module, step_sizes
 from normlab.models.vgg import VGG
-from normlab.runs import read_scalars
+from normlab.results.runs import read_scalars
 from normlab.train import build_module, train
 
 ETAS = step_sizes(0.1, 8)
@@ -163,13 +162,6 @@ def test_training_is_bit_identical_with_and_without_the_probe(tmp_path):
 
 def spy_measures() -> tuple[str, ...]:
     return ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
-
-
-def test_the_module_named_minibatch_wins_over_the_fallback():
-    probe = LossLandscape()
-    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
-    module = SimpleNamespace(current_minibatch=(x, y))
-    assert probe.current_minibatch(SimpleNamespace(global_step=7), module) == (x, y)
 
 
 def test_bad_options_are_one_clear_line():

@@ -227,6 +227,7 @@ def write_mnist_raw(raw: Path, n_train_images: int, n_train_labels: int) -> None
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_mnist_with_fewer_labels_than_images_is_one_line(tmp_path):
     write_mnist_raw(tmp_path / "data" / "MNIST" / "raw", 60, 50)
     proc = run_cli("data=mnist", f"paths.data_dir={tmp_path / 'data'}",
@@ -237,7 +238,7 @@ def test_mnist_with_fewer_labels_than_images_is_one_line(tmp_path):
 # ------------------------------------------------------------------ 5. own config folder
 
 
-@pytest.mark.parametrize("how", ["searchpath", "config-dir"])
+@pytest.mark.parametrize("how", [pytest.param("searchpath", marks=pytest.mark.slow), "config-dir"])
 def test_experiment_in_ones_own_folder(tmp_path, how):
     folder = tmp_path / "myconf"
     (folder / "experiment").mkdir(parents=True)
@@ -325,6 +326,7 @@ def fill(mount: Path, leave: int) -> None:
     (mount / "filler").write_bytes(bytes(max(0, free - leave)))
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temp_files(small_filesystem):
     from conftest import compose_cfg
 

@@ -399,7 +399,7 @@ BAD_NORM_OPTIONS = [
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_NORM_OPTIONS)
 def test_bad_norm_options_are_one_clear_line(overrides, message):
-    from normlab.validate import ConfigError, validate
+    from normlab.config.validate import ConfigError, validate
 
     cfg = compose_train(overrides)
     with pytest.raises(ConfigError) as error:
@@ -411,7 +411,7 @@ def test_bad_norm_options_are_one_clear_line(overrides, message):
     "norm", [n for n in choices("norm") if not ours.batch_dependent(part("norm", n)(4))]
 )
 def test_batch_independent_norms_accept_batch_1(norm):
-    from normlab.validate import validate
+    from normlab.config.validate import validate
 
     validate(compose_train([f"norm={norm}", "data.batch_size=1"]))
 

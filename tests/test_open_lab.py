@@ -16,8 +16,8 @@ from conftest import ROOT, choices, compose_cfg, part
 from omegaconf import open_dict
 from torch import nn
 
+from normlab.config.validate import ConfigError, validate
 from normlab.nn import batch_dependent, fold_batchnorm, has_running_stats
-from normlab.validate import ConfigError, validate
 
 SHAPES = [(8, 6), (8, 6, 4, 4)]
 

@@ -35,7 +35,7 @@ def test_wheel_carries_the_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"normlab/conf/{p.relative_to(CONFIG_DIR)}" for p in CONFIG_DIR.rglob("*.yaml")}
     assert expected <= names
-    assert "normlab/config.py" in names and "normlab/train.py" in names
+    assert "normlab/config/__init__.py" in names and "normlab/train.py" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     probe = "import normlab.config as c; print(c.CONFIG_DIR)"

@@ -9,8 +9,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import normlab.nn as ours
+from normlab.callbacks.precise_bn import batch_norms, recompute_bn_statistics
 from normlab.models.backbones import CNN, MLP
-from normlab.precise_bn import batch_norms, recompute_bn_statistics
 from normlab.train import train
 
 

@@ -1,4 +1,5 @@
-"""normlab.report on hand-made sweep dirs: grouping, statistics, markdown, plots, failed jobs."""
+"""normlab.results.report on hand-made sweep dirs: grouping, statistics, markdown, plots,
+failed jobs."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from normlab.report import (
+from normlab.results.report import (
     ICS_YLABEL,
     METRICS,
     epoch_curve,
+    job_scalars,
     jobs_frame,
     markdown_table,
     plot_curves,
     plot_ics,
-    read_scalars,
     write_report,
 )
 
@@ -103,7 +104,7 @@ def test_plots_have_a_line_per_group_and_a_panel_per_layer(sweep):
     for path in report.files[1:]:
         assert path.read_bytes()[:8] == PNG
     jobs = jobs_frame(sweep)
-    scalars = {job: read_scalars(sweep / job) for job in jobs["job"]}
+    scalars = job_scalars(sweep, jobs)
     curves = plot_curves(jobs, scalars)
     for ax in curves.axes[:2]:
         assert len(ax.lines) == 2 and list(ax.lines[0].get_xdata()) == [1, 2, 3]
@@ -120,7 +121,7 @@ def test_a_sweep_without_ics_scalars_gets_an_explaining_figure(tmp_path):
     report = write_report(tmp_path)
     assert report.groups.shape[0] == 1 and "ICS summary" not in report.markdown
     jobs = jobs_frame(tmp_path)
-    figure = plot_ics(jobs, {job: read_scalars(tmp_path / job) for job in jobs["job"]})
+    figure = plot_ics(jobs, job_scalars(tmp_path, jobs))
     assert "No ICS percentile scalars" in figure.texts[0].get_text()
 
 

@@ -58,6 +58,7 @@ def test_table_compares_each_seed_with_none_over_the_early_steps(sweep):
     assert "steps <= 30" in table
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_cli_writes_the_figure(sweep, tmp_path):
     out = tmp_path / "fig" / "santurkar.png"
     proc = subprocess.run(

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, run_cli
 from hydra.utils import instantiate
 
-from normlab.config import CONFIG_DIR
-from normlab.runs import collect_jobs
+from normlab.results.runs import collect_jobs
 
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false"]
@@ -37,7 +35,9 @@ def jobs_by_override(sweep_dir: Path, key: str) -> dict[str, dict]:
 # ------------------------------------------------------------------ failure isolation
 
 
-@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["basic", "joblib"])
+@pytest.mark.parametrize(
+    "launcher", [[], pytest.param(JOBLIB, marks=pytest.mark.slow)], ids=["basic", "joblib"]
+)
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path, launcher):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -55,6 +55,7 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path, launcher):
     assert "1 job(s) failed" in out.stderr
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_a_diverging_job_is_stopped_and_recorded(tmp_path):
     out = sweep(tmp_path / "s", "lr=0.01,1e20", "init=normal", "norm=none", "trainer.max_epochs=2")
     assert out.returncode == 0, out.stderr[-2000:]  # diverged is a result, not a failure
@@ -90,6 +91,7 @@ def joblib_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return sweep_dir, out
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_joblib_launcher_runs_a_four_job_sweep(joblib_sweep):
     sweep_dir, out = joblib_sweep
     assert out.returncode == 0, out.stderr[-2000:]
@@ -106,6 +108,7 @@ def test_joblib_launcher_runs_a_four_job_sweep(joblib_sweep):
     assert "4 jobs: 4 ok" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow  # spawns processes: in CI's `pytest -m slow`, out of the default run
 def test_report_on_a_real_sweep(joblib_sweep):
     sweep_dir, _ = joblib_sweep
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir)],
@@ -130,11 +133,10 @@ def test_submitit_slurm_config_composes_and_reaches_sbatch(tmp_path, monkeypatch
     """No SLURM here: compose, instantiate the launcher, read the sbatch script it would submit."""
     import submitit
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
-            "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}",
-        ])
+    cfg = compose_config(
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=30", f"hydra.sweep.dir={tmp_path}", hydra=True,
+    )
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     assert launcher.params["partition"] == "gpu" and launcher.params["gpus_per_node"] == 1
@@ -180,43 +182,18 @@ def test_ddp_cpu_in_a_multirun_leaves_one_dir_per_job(tmp_path):
 # ------------------------------------------------------------------ experiments
 
 
-def compose_experiment(name: str, *overrides: str):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"experiment={name}", *overrides],
-                       return_hydra_config=True)
-
-
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_with_digits(name):
-    cfg = compose_experiment(name, "data=digits")
+    cfg = compose_config(f"experiment={name}", "data=digits", hydra=True)
     assert cfg.data.name == "digits"
     for key, values in (cfg.hydra.sweeper.params or {}).items():
         for value in values.split(","):
-            compose_experiment(name, "data=digits", f"{key}={value}")
-
-
-def test_lab09_mnist_bn_is_the_lectures_setup():
-    cfg = compose_experiment("lab09_mnist_bn")
-    assert cfg.data.name == "mnist" and cfg.data.batch_size == 32
-    assert list(cfg.model.hidden_sizes) == [32, 32] and cfg.activation._target_ == "torch.nn.ReLU"
-    assert cfg.lr == 0.01 and cfg.trainer.max_epochs == 10
-    assert cfg.hydra.sweeper.params == {"norm": "none,bn"}
-
-
-def test_cifar10_mlp_is_the_lectures_setup():
-    cfg = compose_experiment("cifar10_mlp")
-    assert cfg.data.name == "cifar10" and list(cfg.model.hidden_sizes) == [256, 128]
-    assert (cfg.norm._target_, cfg.activation._target_) == (
-        "normlab.nn.TorchBatchNorm", "torch.nn.Sigmoid"
-    )
-    assert cfg.lr == 1e-3 and cfg.dropout == 0.3
+            compose_config(f"experiment={name}", "data=digits", f"{key}={value}")
 
 
 def test_optuna_sweeper_config_composes_when_the_plugin_is_installed():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # optional: hydra-optuna-sweeper
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/sweeper=optuna_lr_dropout"],
-                      return_hydra_config=True)
+    cfg = compose_config("hydra/sweeper=optuna_lr_dropout", hydra=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper.direction == "maximize" and set(sweeper.params) == {"lr", "dropout"}
     assert type(instantiate(sweeper)).__name__ == "OptunaSweeper"

@@ -7,9 +7,9 @@ import torch
 from conftest import choices, part, run_cli
 from torch import nn
 
+from normlab.config.validate import ConfigError, validate
 from normlab.models.vgg import PRESETS, VGG
 from normlab.train import train
-from normlab.validate import ConfigError, validate
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 

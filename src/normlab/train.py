@@ -2,8 +2,7 @@
 
 `train(cfg)` is a plain function (tests call it with a composed config); `main()` is the
 command line (`python train.py ...`). A run that raises is recorded as `status: failed` in its
-`metrics.json`; inside a sweep the other jobs go on and the sweep exits non-zero at the end
-(see `normlab.sweep.SweepSummary`).
+`metrics.json`; inside a sweep the other jobs go on and the sweep exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -18,13 +17,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from normlab import dashboard, process
-from normlab.config import CONFIG_DIR
-from normlab.ics.summary import merge_summaries
-from normlab.resolvers import register_resolvers
-from normlab.runs import METRICS, is_multirun, task_overrides, write_metrics
-from normlab.signals import RunInterrupted, interruption_recorded, is_launcher_process
-from normlab.validate import one_line, validate
+from normlab.callbacks.summary import merge_summaries
+from normlab.config import CONFIG_DIR, one_line
+from normlab.config.resolvers import register_resolvers
+from normlab.config.validate import validate
+from normlab.results import dashboard
+from normlab.results.runs import METRICS, is_multirun, task_overrides, write_metrics
+from normlab.run import process
+from normlab.run.signals import RunInterrupted, interruption_recorded, is_launcher_process
 
 log = logging.getLogger("normlab")
 # Module level: before Hydra composes, and in joblib's workers, which import this module too.
@@ -93,7 +93,7 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     import lightning.pytorch as pl  # heavy imports only once a run really starts
     from hydra.utils import instantiate
 
-    from normlab.checkpoints import safety_callbacks
+    from normlab.run.checkpoints import safety_callbacks
 
     process.quiet_lightning()
     process.set_threads(cfg)
@@ -144,7 +144,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg)
     except RunInterrupted:
         if is_launcher_process():
-            raise  # normlab.cli writes the sweep summary and exits 130/143
+            raise  # normlab.run.cli writes the sweep summary and exits 130/143
         return float("nan")  # a joblib worker: the launcher process stops the sweep
     except Exception as error:
         message = one_line(error)
@@ -161,7 +161,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Command line entry point (`python train.py`, `normlab-train`)."""
-    from normlab.cli import run_command_line
+    from normlab.run.cli import run_command_line
 
     run_command_line(_hydra_main, sys.argv[1:])
 

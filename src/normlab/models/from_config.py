@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from normlab.validate import ConfigError
+from normlab.config.errors import ConfigError
 
 # Keys of a component group that the lab reads itself: never passed to the component.
 LAB_KEYS: dict[str, tuple[str, ...]] = {"norm": ("position",)}

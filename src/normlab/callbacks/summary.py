@@ -5,7 +5,7 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Any
 
-from normlab.runs import Series, layers_with
+from normlab.results.runs import Series, layers_with
 
 
 def activation_summary(series: Series) -> dict[str, dict[str, float]]:

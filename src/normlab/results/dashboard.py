@@ -5,6 +5,8 @@
   conf/logger/tensorboard.yaml.
 - Each run records its swept choices as hparams with `val/acc` and `test/acc` as metrics, so the
   HPARAMS tab compares a whole sweep.
+- The custom-scalars dashboard of a run (`ics_layout`; written by the ICS callbacks, with the
+  sections other callbacks contribute): each layer's p15..p85 band, in forward order.
 - When a sweep ends, the report's figures (accuracy curves, ICS bands per group and layer) are
   written as images into `<sweep dir>/tensorboard/_sweep`: the landing page (Time Series) shows
   the comparison first.
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from normlab.results.runs import sorted_layers
 
 # Config groups whose chosen option is an hparam, and top-level keys that are.
 HPARAM_GROUPS = ("data", "model", "norm", "activation", "init", "optimizer", "scheduler")
@@ -75,7 +79,7 @@ def log_hparams(trainer: Any, cfg: DictConfig) -> None:
 
     if not trainer.is_global_zero:
         return
-    from normlab.runs import is_multirun
+    from normlab.results.runs import is_multirun
 
     log_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     experiment, start, end = hparams(hparams_of(cfg), dict.fromkeys(HPARAM_METRICS, 0.0))
@@ -111,11 +115,11 @@ def write_sweep_figures(sweep_dir: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from torch.utils.tensorboard import SummaryWriter
 
-    from normlab import report
-    from normlab.runs import collect_jobs
+    from normlab.results import report
+    from normlab.results.runs import collect_jobs
 
     jobs = report.jobs_frame(sweep_dir)
-    scalars = {job: report.read_scalars(sweep_dir / job) for job in jobs["job"]}
+    scalars = report.job_scalars(sweep_dir, jobs)
     figures = {
         "comparison/ics_bands": report.plot_ics(jobs, scalars),
         "comparison/accuracy": report.plot_curves(jobs, scalars),
@@ -140,3 +144,21 @@ def tensorboard_hint(sweep_dir: Path) -> str:
         "  http://localhost:6006/#custom_scalars  ICS: p15-p85 band per layer, runs overlaid\n"
         "  http://localhost:6006/#hparams         every job's choices with val/acc and test/acc"
     )
+
+
+Layout = dict[str, dict[str, list]]
+
+
+def ics_layout(layers: list[str], sections: Layout | None = None, grads: bool = True) -> Layout:
+    """The p15..p85 band (margin chart around p50) of each layer's input, in forward order;
+    then the sections other callbacks contribute; then gradient norms when they are logged."""
+    layout: Layout = {
+        "ICS: input of each nonlinearity (p50, band p15-p85)": {
+            layer: ["Margin", [f"ics/{layer}/p50", f"ics/{layer}/p15", f"ics/{layer}/p85"]]
+            for layer in sorted_layers(layers)
+        },
+        **(sections or {}),
+    }
+    if grads:
+        layout["Gradient norms"] = {"grads": ["Multiline", [r"grads/.*/norm"]]}
+    return layout

@@ -12,7 +12,7 @@ change what the checkpoint means is refused in one line.
 - A checkpoint whose run already reached `trainer.max_epochs` (or `max_steps`): nothing to do.
   `ResumeFinished` says so; the command line exits 0 without creating a run dir.
 
-`normlab.checkpoints.StoreConfig` (a Lightning callback) writes the composed config into every
+`normlab.run.checkpoints.StoreConfig` (a Lightning callback) writes the composed config into every
 checkpoint as plain containers under `normlab_config`, so `torch.load(..., weights_only=True)`
 still reads it.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.validate import ConfigError
+from normlab.config.errors import ConfigError
 
 CONFIG_KEY = "normlab_config"
 ARCHITECTURE = ("model", "norm", "activation", "dropout", "data.name")

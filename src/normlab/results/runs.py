@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 # Final metrics of a run, in the order tables show them.
@@ -35,7 +36,7 @@ Series = dict[str, dict[int, float]]  # tag -> {optimizer step: value}
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write `<output_dir>/metrics.json` atomically (a temporary file beside it, then rename;
     never a half-written or left-over temporary file, also on a full disk)."""
-    from normlab.atomic import atomic_write_bytes
+    from normlab.run.atomic import atomic_write_bytes
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,22 @@ def read_scalars(directory: Path | str, prefix: str = "") -> Series:
                 points = series.setdefault(tag, {})
                 points.update({event.step: event.value for event in accumulator.Scalars(tag)})
     return series
+
+
+def mean_curve(curves: Iterable[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """Mean over curves (`{step: value}`) at the steps all of them have; empty ones are left out."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [fmean(c[s] for c in curves) for s in steps]
+
+
+def loss_band(series: Series) -> dict[int, float]:
+    """`{step: loss_max - loss_min}`: the spread of the loss along the gradient at each step
+    (`landscape/*` scalars of the loss-landscape probe)."""
+    lows, highs = series.get("landscape/loss_min", {}), series.get("landscape/loss_max", {})
+    return {s: highs[s] - lows[s] for s in lows if s in highs}
 
 
 # ---------------------------------------------------------------- layers

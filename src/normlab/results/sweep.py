@@ -15,8 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from normlab.atomic import atomic_write_bytes
-from normlab.runs import STATUSES, collect_jobs, last_hidden_layer, markdown
+from normlab.results.runs import STATUSES, collect_jobs, last_hidden_layer, markdown
+from normlab.run.atomic import atomic_write_bytes
 
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "train_seconds")
 # ICS numbers of the last hidden layer (the BN paper's Fig. 1 layer), from metrics.json "ics".
@@ -59,7 +59,7 @@ def status_line(rows: list[dict[str, Any]]) -> str:
 
 def _write_figures(sweep_dir: Path) -> None:
     """The comparison figures into TensorBoard; a figure must never fail the sweep."""
-    from normlab import dashboard
+    from normlab.results import dashboard
 
     try:
         dashboard.write_sweep_figures(sweep_dir)
@@ -70,7 +70,7 @@ def _write_figures(sweep_dir: Path) -> None:
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """Write `<sweep dir>/summary.md` for the jobs found there, print it, return its rows.
-    Also called by normlab.cli when a signal stops a sweep before Hydra's end of the sweep."""
+    Also called by normlab.run.cli when a signal stops a sweep before Hydra's end of the sweep."""
     rows = collect_jobs(sweep_dir)
     for row in rows:
         if "unreadable" in str(row.get("error", "")):

@@ -8,7 +8,7 @@ and turns every problem into a `ConfigError` naming the key:
 - a key that no config declares, on the command line or in a config file (an experiment's
   `learning_rate: 0.5`), with its nearest valid neighbours;
 - invalid YAML, as the file and line;
-- every value `normlab.validate.validate` checks (seed, lr, checkpoint to resume from...);
+- every value `normlab.config.validate.validate` checks (seed, lr, checkpoint to resume from...);
 - an output dir that cannot be created.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import CONFIG_DIR
-from normlab.validate import ConfigError, validate
+from normlab.config.validate import ConfigError, validate
 
 # Below these keys a config may hold any keys: lists of instantiated objects, whose entries are
 # the objects' own arguments, and Hydra's own settings (checked by Hydra).

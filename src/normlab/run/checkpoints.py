@@ -2,12 +2,13 @@
 
 `AtomicModelCheckpoint`/`AtomicCheckpointIO`: written beside their target, then renamed over it.
 `StopOnSignal`: on SIGTERM/SIGINT, save last.ckpt at the end of the current step and stop
-(see `normlab.signals`). `StoreConfig`: the run's config inside every checkpoint (`normlab.resume`).
+(see `normlab.run.signals`). `StoreConfig`: the run's config inside every checkpoint
+(`normlab.run.resume`).
 
 Lightning's own `TorchCheckpointIO` writes through an fsspec transaction whose temporary file
 lies under the system temp dir; when the output dir is on another filesystem the final step is a
 copy, and a full disk leaves a truncated `last.ckpt` behind. `AtomicCheckpointIO` writes the
-temporary file in the target's own directory and renames it (see `normlab.atomic`).
+temporary file in the target's own directory and renames it (see `normlab.run.atomic`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
-from normlab import resume, signals
-from normlab.atomic import atomic_torch_save
+from normlab.run import resume, signals
+from normlab.run.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

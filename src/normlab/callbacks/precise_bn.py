@@ -18,7 +18,6 @@ were never advanced, so training goes on exactly as without the callback.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.callbacks.no_trace import rng_untouched
 from normlab.nn.traits import has_running_stats
 
 __all__ = ["PreciseBN", "batch_norms", "recompute_bn_statistics"]
@@ -99,7 +99,7 @@ class PreciseBN(pl.Callback):
         loss, acc = _evaluate(pl_module, loaders, trainer)
         self._ema_metrics = {f"{stage}/loss_ema": loss, f"{stage}/acc_ema": acc}
         self._ema = [t.clone() for m in norms for t in (m.running_mean, m.running_var)]
-        with _rng_untouched(pl_module.device):
+        with rng_untouched(pl_module.device):
             inputs = _training_inputs(trainer, pl_module.device, self.num_batches)
             recompute_bn_statistics(pl_module, inputs)
 
@@ -158,11 +158,3 @@ def _evaluate(pl_module: pl.LightningModule, loaders: Any, trainer: pl.Trainer) 
     if trainer.world_size > 1:
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
     return (totals[0] / totals[2]).float(), (totals[1] / totals[2]).float()
-
-
-@contextmanager
-def _rng_untouched(device: torch.device) -> Iterator[None]:
-    """Dropout and noisy BN draw random numbers in the extra passes: give them back."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield

@@ -1,7 +1,7 @@
 """OmegaConf resolvers of normlab, registered at import of `normlab.train` (before Hydra
 composes, and in every joblib worker, which imports that module to run a job).
 
-`${run_name:}`: the job's task overrides (`normlab.dashboard.run_name`).
+`${run_name:}`: the job's task overrides (`normlab.results.dashboard.run_name`).
 
 `${normlab.stamp:PATTERN}`: the process's start time formatted with `PATTERN` (strftime), plus
 milliseconds and a random suffix: `2026-11-25_21-13-05-123-a3f9`. Two runs or sweeps started in
@@ -32,8 +32,8 @@ def stamp(pattern: str) -> str:
 
 def register_resolvers() -> None:
     """`${normlab.stamp:...}` (conf/hydra/default.yaml) and `${run_name:}` (the TensorBoard run
-    name, conf/logger/tensorboard.yaml; see `normlab.dashboard.run_name`)."""
-    from normlab.dashboard import run_name
+    name, conf/logger/tensorboard.yaml; see `normlab.results.dashboard.run_name`)."""
+    from normlab.results.dashboard import run_name
 
     if not OmegaConf.has_resolver("normlab.stamp"):
         OmegaConf.register_new_resolver("normlab.stamp", stamp, use_cache=True)

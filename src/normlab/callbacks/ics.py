@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from normlab.ics.measure import (
+from normlab.callbacks.measure import (
     check_probe_mode,
     distribution_stats,
     grad_norm,
@@ -32,8 +32,9 @@ from normlab.ics.measure import (
     probe_activations,
     probe_batch,
 )
-from normlab.ics.summary import activation_summary, grad_shift_summary
-from normlab.runs import Series, read_scalars, sorted_layers
+from normlab.callbacks.summary import activation_summary, grad_shift_summary
+from normlab.results.dashboard import Layout, ics_layout
+from normlab.results.runs import Series, read_scalars, sorted_layers
 
 # ---------------------------------------------------------------- cadence
 
@@ -100,24 +101,6 @@ def log_weight_stats(
 
 
 # ---------------------------------------------------------------- the TensorBoard dashboard
-
-
-Layout = dict[str, dict[str, list]]
-
-
-def ics_layout(layers: list[str], sections: Layout | None = None, grads: bool = True) -> Layout:
-    """The p15..p85 band (margin chart around p50) of each layer's input, in forward order;
-    then the sections other callbacks contribute; then gradient norms when they are logged."""
-    layout: Layout = {
-        "ICS: input of each nonlinearity (p50, band p15-p85)": {
-            layer: ["Margin", [f"ics/{layer}/p50", f"ics/{layer}/p15", f"ics/{layer}/p85"]]
-            for layer in sorted_layers(layers)
-        },
-        **(sections or {}),
-    }
-    if grads:
-        layout["Gradient norms"] = {"grads": ["Multiline", [r"grads/.*/norm"]]}
-    return layout
 
 
 def write_layout(trainer: pl.Trainer, layers: list[str], grads: bool = True) -> None:

@@ -1,7 +1,7 @@
 """Config checks that run before any work: one clear line per mistake, naming key, value, and
 what is valid.
 
-`validate` checks the composed values of one run; `normlab.preflight` calls it on the command
+`validate` checks the composed values of one run; `normlab.config.preflight` calls it on the command
 line's config before Hydra starts, and `normlab.train.train` again for each job.
 """
 
@@ -12,20 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one line meant for the user."""
-
-
-def one_line(error: BaseException) -> str:
-    """The error as one line for the user: a ConfigError as it is, others with their type."""
-    # Hydra wraps errors raised while instantiating (e.g. a bad model option): report the cause.
-    while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
-        error = error.__cause__
-    text = " ".join(str(error).split())
-    if isinstance(error, ConfigError):
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+from normlab.config.errors import ConfigError
 
 
 def group_choices(config_dir: Path, group: str) -> list[str]:
@@ -63,7 +50,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_trainer(cfg)
     _validate_manual_optimization(cfg)
     if cfg.get("ckpt_path"):
-        from normlab.resume import check_resume
+        from normlab.run.resume import check_resume
 
         check_resume(cfg, check_checkpoint(Path(cfg.ckpt_path)))
 

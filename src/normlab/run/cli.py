@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from normlab import signals
-from normlab.validate import ConfigError
+from normlab.config.errors import ConfigError
+from normlab.run import signals
 
 
 def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn:
@@ -36,8 +36,8 @@ def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn
 
 
 def _checked_then_run(hydra_main: Callable[[], Any], argv: list[str]) -> None:
-    from normlab.preflight import check_command_line
-    from normlab.resume import ResumeFinished
+    from normlab.config.preflight import check_command_line
+    from normlab.run.resume import ResumeFinished
 
     try:
         check_command_line(argv)
@@ -63,7 +63,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def _stopped(stop: signals.RunInterrupted, summary_written: bool = False) -> NoReturn:
     sweep_dir = _sweep_dir()
     if sweep_dir is not None and not summary_written:
-        from normlab.sweep import write_summary
+        from normlab.results.sweep import write_summary
 
         write_summary(sweep_dir)
     if sweep_dir is None:

@@ -3,8 +3,8 @@ p15/p50/p85 of the last hidden layer's nonlinearity input vs step.
 
 Reads only what runs left on disk (event files, `.hydra/config.yaml`, `metrics.json`), never
 model code. Each norm has one colour (the one TensorBoard gives its first run, see
-`normlab.plotstyle`): p50 solid, p15 and p85 dashed around a light band; with several seeds the
-lines are seed means and each seed's p50 is drawn thin.
+`normlab.results.plotstyle`): p50 solid, p15 and p85 dashed around a light band; with several
+seeds the lines are seed means and each seed's p50 is drawn thin.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works headles
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from normlab.plotstyle import group_colors, save_figure, seeds_label, start_time, tensorboard_order
-from normlab.runs import (
+from normlab.results.plotstyle import (
+    group_colors,
+    save_figure,
+    seeds_label,
+    start_time,
+    tensorboard_order,
+)
+from normlab.results.runs import (
     Series,
     last_hidden_layer,
     layers_with,
+    mean_curve,
     parse_overrides,
     read_choices,
     read_config,
@@ -78,13 +85,9 @@ def by_norm(runs: Sequence[RunCurves]) -> dict[str, list[RunCurves]]:
     return groups
 
 
-def mean_curve(runs: Sequence[RunCurves], tag: str) -> tuple[list[int], list[float]]:
-    """Mean over runs at the steps every run logged `tag` at."""
-    curves = [run.series[tag] for run in runs if tag in run.series]
-    if not curves:
-        return [], []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+def tag_mean(runs: Sequence[RunCurves], tag: str) -> tuple[list[int], list[float]]:
+    """Mean over the runs that logged `tag`, at the steps all of them logged it at."""
+    return mean_curve(run.series.get(tag, {}) for run in runs)
 
 
 def deepest_layer(runs: Sequence[RunCurves]) -> str:
@@ -140,7 +143,7 @@ def _norm_label(norm: str, group: Sequence[RunCurves]) -> str:
 def _accuracy_panel(ax, groups: dict[str, list[RunCurves]], colors: dict[str, str]) -> None:
     tag = "val/acc"
     for norm, group in groups.items():
-        steps, values = mean_curve(group, tag)
+        steps, values = tag_mean(group, tag)
         ax.plot(steps, values, color=colors[norm], lw=1.8, label=_norm_label(norm, group))
     ax.set(title="(a) validation accuracy", xlabel="optimizer step",
            ylabel=f"validation accuracy ({tag})")
@@ -149,7 +152,7 @@ def _accuracy_panel(ax, groups: dict[str, list[RunCurves]], colors: dict[str, st
 
 def _percentile_panel(ax, panel: str, norm: str, group: list[RunCurves], layer: str,
                       color: str) -> None:
-    means = {name: mean_curve(group, f"ics/{layer}/{name}") for name in PERCENTILE_STYLE}
+    means = {name: tag_mean(group, f"ics/{layer}/{name}") for name in PERCENTILE_STYLE}
     if len(group) > 1:
         for run in group:
             points = sorted(run.series.get(f"ics/{layer}/p50", {}).items())

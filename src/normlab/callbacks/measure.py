@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.callbacks.no_trace import rng_rewinder, untouched
+
 # ---------------------------------------------------------------- distribution statistics
 
 PERCENTILES = {"p15": 0.15, "p50": 0.50, "p85": 0.85}
@@ -123,31 +125,12 @@ def probe_activations(
 @contextmanager
 def _probing(model: nn.Module, mode: str) -> Iterator[None]:
     """Norm layers in training mode (batch statistics) or eval mode; dropout off; no trace."""
-    with _untouched(model):
+    with untouched(model):
         model.train(mode == "batch")
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()
         yield
-
-
-@contextmanager
-def _untouched(model: nn.Module) -> Iterator[tuple[torch.device, list[torch.device]]]:
-    """On exit: every module's train/eval mode, every buffer (BN running statistics) and the
-    random number generators as they were. Yields (device, the CUDA devices forked)."""
-    modes = {module: module.training for module in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield device, devices
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
 
 
 # ---------------------------------------------------------------- gradients
@@ -200,15 +183,8 @@ def _no_side_effects(
 ) -> Iterator[Callable[[], None]]:
     """Train mode, no `.grad`, and a `rewind()` of the RNGs; everything restored on exit."""
     grads = [p.grad for p in params]
-    with _untouched(model) as (device, devices):
-        cpu_state = torch.get_rng_state()
-        gpu_state = torch.cuda.get_rng_state(device) if devices else None
-
-        def rewind() -> None:
-            torch.set_rng_state(cpu_state)
-            if gpu_state is not None:
-                torch.cuda.set_rng_state(gpu_state, device)
-
+    with untouched(model) as (_, devices):
+        rewind = rng_rewinder(devices)
         try:
             for p in params:
                 p.grad = None

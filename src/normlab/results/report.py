@@ -5,7 +5,7 @@ files, never model code. Jobs whose overrides differ only in `seed` form a group
 numbers are the mean and std over its seeds. Failed jobs count in the status columns and add
 nothing else, so a partly failed sweep still gets a report; a job whose metrics.json cannot be
 read is listed in `Report.skipped`. Each group has one colour in every figure, the colour
-TensorBoard gives its first run (`normlab.plotstyle`).
+TensorBoard gives its first run (`normlab.results.plotstyle`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,22 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from normlab import runs
-from normlab.plotstyle import group_colors, save_figure, seeds_label, start_time, tensorboard_order
-from normlab.runs import METRICS_FILE, STATUSES, job_dirs, override_key, read_job, sorted_layers
+from normlab.results import runs
+from normlab.results.plotstyle import (
+    group_colors,
+    save_figure,
+    seeds_label,
+    start_time,
+    tensorboard_order,
+)
+from normlab.results.runs import (
+    METRICS_FILE,
+    STATUSES,
+    job_dirs,
+    override_key,
+    read_job,
+    sorted_layers,
+)
 
 METRICS = ("val/acc", "test/acc", "train/acc", "train/loss")
 CURVES = {"val/acc": "validation accuracy", "train/loss": "training loss"}
@@ -57,7 +70,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "report.csv"]
     groups.to_csv(files[0], index=False)
-    scalars = {job: read_scalars(sweep_dir / job) for job in jobs["job"]}
+    scalars = job_scalars(sweep_dir, jobs)
     files += save_figure(plot_curves(jobs, scalars), out_dir / "report_curves", formats)
     files += save_figure(plot_ics(jobs, scalars), out_dir / "report_ics", formats)
     skipped = [f"skipped {error}" for error in jobs.loc[jobs["unreadable"], "error"]]
@@ -201,11 +214,14 @@ def _status_counts(row: pd.Series) -> str:
 # ---------------------------------------------------------------- event files
 
 
-def read_scalars(job_dir: Path) -> dict[str, pd.Series]:
-    """Every scalar tag in the job's event files: tag -> values indexed by step."""
+def job_scalars(sweep_dir: Path, jobs: pd.DataFrame) -> dict[str, dict[str, pd.Series]]:
+    """Every job's scalars (`runs.read_scalars`) as pandas: job -> tag -> values indexed by step."""
     return {
-        tag: pd.Series(points, dtype=float).sort_index()
-        for tag, points in runs.read_scalars(job_dir).items()
+        job: {
+            tag: pd.Series(points, dtype=float).sort_index()
+            for tag, points in runs.read_scalars(sweep_dir / job).items()
+        }
+        for job in jobs["job"]
     }
 
 

@@ -1,15 +1,15 @@
 """SIGTERM and SIGINT (a scheduler's preemption, `timeout`, Ctrl-C) stop a run without losing it.
 
-While a model trains, the first signal only sets a flag; `normlab.checkpoints.StopOnSignal`
+While a model trains, the first signal only sets a flag; `normlab.run.checkpoints.StopOnSignal`
 sees it after the
 current Lightning step, saves `checkpoints/last.ckpt` (mid-epoch if need be; atomically, see
-`normlab.checkpoints`) and stops the run. Outside training (start-up, data loading, between
+`normlab.run.checkpoints`) and stops the run. Outside training (start-up, data loading, between
 jobs) the signal stops at once. A second signal always stops at once.
 
 The run is then recorded `status: interrupted` with the signal's name and the checkpoint
 (`interruption_recorded`), and `RunInterrupted` travels up to the command line, which writes the
 sweep's summary.md for the jobs that ran and exits 128 + the signal's number (130 for SIGINT,
-143 for SIGTERM); see `normlab.cli`.
+143 for SIGTERM); see `normlab.run.cli`.
 
 In a sweep, a signal stops the whole sweep: the running job saves and stops, jobs not started
 yet are skipped. Jobs in other processes (hydra/launcher=joblib) learn of it from a marker file
@@ -38,7 +38,7 @@ log = logging.getLogger("normlab")
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 MARKER = ".interrupted"
-LAUNCHER_PID = "NORMLAB_LAUNCHER_PID"  # the command line's process; set by normlab.cli
+LAUNCHER_PID = "NORMLAB_LAUNCHER_PID"  # the command line's process; set by normlab.run.cli
 
 
 class _State:

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from normlab.ics.callbacks import RecordingCallback, StepCadence, log_scalars
+from normlab.callbacks.ics import RecordingCallback, StepCadence, log_scalars
+from normlab.callbacks.no_trace import rng_rewinder, rng_untouched
+from normlab.results.runs import loss_band
 
 Params = dict[str, torch.Tensor]
 MEASURES = ("loss_min", "loss_max", "grad_pred_max", "beta_smooth")
@@ -91,14 +93,10 @@ def training_loss_at(
     buffers (BN's running statistics move in the copies only) and the same random draws at every
     call (the caller forks the RNG around the whole probe)."""
     buffers = dict(module.named_buffers())
-    devices = [x.device] if x.device.type == "cuda" else []
-    cpu_state = torch.get_rng_state()
-    gpu_states = [torch.cuda.get_rng_state(d) for d in devices]
+    rewind = rng_rewinder([x.device] if x.device.type == "cuda" else [])
 
     def loss_at(params: Params) -> torch.Tensor:
-        torch.set_rng_state(cpu_state)
-        for device, state in zip(devices, gpu_states, strict=True):
-            torch.cuda.set_rng_state(state, device)
+        rewind()
         copies = {name: b.clone() for name, b in buffers.items()}
         return F.cross_entropy(functional_call(module, (params, copies), (x,)), y)
 
@@ -120,8 +118,7 @@ def probe_module(
     direction = {n: p.grad.detach() for n, p in params.items()}
     frozen = {n: p.detach() for n, p in named.items() if n not in params}
     etas = step_sizes(optimizer.param_groups[0]["lr"], num_points, eta_range)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with rng_untouched(x.device):
         loss_on_batch = training_loss_at(module, x, y)
         return landscape(lambda p: loss_on_batch({**frozen, **p}), params, direction, etas)
 
@@ -176,10 +173,9 @@ class LossLandscape(RecordingCallback):
             for measure in MEASURES
             if series.get(f"landscape/{measure}")
         }
-        lows, highs = series.get("landscape/loss_min", {}), series.get("landscape/loss_max", {})
-        bands = [highs[s] - lows[s] for s in lows if s in highs]
+        bands = loss_band(series)
         if bands:
-            summary["loss_band_mean"] = fmean(bands)
+            summary["loss_band_mean"] = fmean(bands.values())
         if summary:
-            summary["measurements"] = len(lows)
+            summary["measurements"] = len(series.get("landscape/loss_min", {}))
         return {"landscape": summary} if summary else {}

@@ -1,0 +1,1 @@
+"""Lightning callbacks and the measurement maths they use: ICS, loss landscape, PreciseBN."""

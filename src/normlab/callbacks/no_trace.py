@@ -1,0 +1,55 @@
+"""Leave no trace: what a probe or an extra pass changes in a model (train/eval modes, buffers such
+as BN's running statistics, the random number generators) is put back on exit.
+
+One home for the ICS probe and grad-shift measurement (`measure`), the loss-landscape probe
+(`landscape`) and PreciseBN's extra passes (`precise_bn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def rng_untouched(device: torch.device) -> Iterator[list[torch.device]]:
+    """On exit: the CPU generator, and `device`'s when it is a GPU, as they were (dropout and noisy
+    BN draw random numbers in extra passes). Yields the CUDA devices forked."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield devices
+
+
+def rng_rewinder(devices: Sequence[torch.device]) -> Callable[[], None]:
+    """A `rewind()` that sets the generators (CPU and `devices`) back to where they are now: every
+    call after it draws the same random numbers (same dropout masks)."""
+    cpu_state = torch.get_rng_state()
+    gpu_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        for device, state in zip(devices, gpu_states, strict=True):
+            torch.cuda.set_rng_state(state, device)
+
+    return rewind
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[tuple[torch.device, list[torch.device]]]:
+    """On exit: every module's train/eval mode, every buffer (BN running statistics) and the
+    random number generators as they were. Yields (device, the CUDA devices forked)."""
+    modes = {module: module.training for module in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    device = next(model.parameters()).device
+    try:
+        with rng_untouched(device) as devices:
+            yield device, devices
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
