@@ -156,6 +156,7 @@ def test_readme_recipe_is_short():
     assert len(code) <= 22
 
 
+@pytest.mark.slow  # a subprocess sweep or import-heavy CLI run: CI runs it with -m slow
 def test_readme_recipe_runs_from_a_folder_outside_the_repository(tmp_path):
     files, commands = readme_recipe()
     assert set(files) == {"mynorms.py", "my_conf/norm/msn.yaml", "mynets.py",
