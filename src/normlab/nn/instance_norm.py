@@ -27,7 +27,7 @@ class InstanceNorm(nn.InstanceNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 4:
             raise ValueError(
-                "norm=in normalizes each channel over H, W of one image: it needs (N, C, H, W) "
-                f"inputs, got {input.dim()}-D; use model=cnn or model=vgg"
+                "Instance Norm normalizes each channel over H, W of one image: it needs "
+                f"(N, C, H, W) inputs, got {input.dim()}-D ones; use model=cnn or model=vgg"
             )
         return super().forward(input)
