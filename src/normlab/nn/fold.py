@@ -111,8 +111,14 @@ def _bake_parametrizations(model: nn.Module) -> None:
     by the effective weight they compute, so a BN folds into the weight the layer really uses."""
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            values = {name: getattr(module, name).detach().clone()
+                      for name in module.parametrizations}
+            # Not parametrize.remove_parametrizations: the copy shares its parametrized class
+            # with the original model, and removing would strip the original's properties too.
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
 
 
 def _fold_post_norms(model: nn.Module, names: dict[nn.Module, str], notes: list[str]) -> None:

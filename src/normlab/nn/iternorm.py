@@ -9,7 +9,9 @@ as a d x m matrix X (m = N * H * W):
     W = P_T / sqrt(tr(Sigma))   (~ Sigma^{-1/2});   x_hat = W Xc;   y = gamma * x_hat + beta.
 
 A few iterations only partly whiten (the paper's point: a controllable amount of whitening,
-``iterations=5`` by default); ``groups`` = C is BN with a trace-normalized (not exact) scale.
+``iterations=5`` by default); ``groups`` = C is BN with a trace-normalized (not exact) scale. The
+iteration is the paper's (uncoupled) one: it converges in exact arithmetic, but in float32 it
+drifts away again after ~15 iterations -- keep ``iterations`` at the paper's 3-10.
 Evaluation uses running estimates of mu and W (``momentum``; ``null`` = cumulative average) --
 a fixed affine map, but across the channels of a group, not BN's per-channel one: it is not
 folded (``foldable = False``). ``running_var`` keeps the running per-channel variance (the

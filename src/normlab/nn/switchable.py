@@ -67,7 +67,8 @@ class SwitchableNorm(nn.Module):
 
     def scalars(self) -> dict[str, float]:
         """The mixture weights now, ``{"mean_in": ..., "var_bn": ...}`` (image inputs)."""
-        mean_w, var_w = self.mixture(images=True)
+        with torch.no_grad():
+            mean_w, var_w = self.mixture(images=True)
         return {
             **{f"mean_{k}": float(w) for k, w in zip(KINDS, mean_w, strict=True)},
             **{f"var_{k}": float(w) for k, w in zip(KINDS, var_w, strict=True)},
