@@ -17,7 +17,8 @@ from omegaconf import open_dict
 from torch import nn
 
 from normlab.config.validate import ConfigError, validate
-from normlab.nn import batch_dependent, fold_batchnorm, has_running_stats
+from normlab.nn import batch_dependent, fold_batchnorm
+from normlab.nn.traits import foldable
 
 SHAPES = [(8, 6), (8, 6, 4, 4)]
 
@@ -72,7 +73,7 @@ def test_fold_folds_running_statistics_and_warns_for_the_rest(name):
     model = backbone((1, 8, 8), 10, norm=part("norm", name))
     model.train()(torch.randn(32, 1, 8, 8) * 2 + 1)  # non-trivial running statistics
     report: list[str] = []
-    with pytest.warns() if model.norm_layers() and not has_running_stats(
+    with pytest.warns() if model.norm_layers() and not foldable(
         model.blocks.layer1.norm
     ) else _no_warning():
         folded = fold_batchnorm(model, report)
@@ -81,7 +82,7 @@ def test_fold_folds_running_statistics_and_warns_for_the_rest(name):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     left = [line for line in report if "left in place" in line]
-    cannot_fold = bool(model.norm_layers()) and not has_running_stats(model.blocks.layer1.norm)
+    cannot_fold = bool(model.norm_layers()) and not foldable(model.blocks.layer1.norm)
     assert bool(left) == cannot_fold
 
 
