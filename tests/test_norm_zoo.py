@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import compose_cfg, part
+from conftest import ROOT, compose_cfg, part
 from torch import nn
 
 from normlab.config.validate import ConfigError, validate
@@ -105,6 +105,16 @@ def test_instance_norm_is_torchs_affine_instance_norm_and_refuses_features():
     with pytest.raises(ValueError) as error:
         ours(torch.randn(4, C))
     assert "\n" not in str(error.value) and "model=cnn" in str(error.value)
+
+
+def test_instance_norm_of_a_1x1_map_is_beta():
+    norm = part("norm", "in")(C)
+    randomize(norm)
+    x = torch.randn(4, C, 1, 1, requires_grad=True)
+    y = norm.train()(x)
+    torch.testing.assert_close(y, norm.bias.view(1, -1, 1, 1).expand_as(y).detach())
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_in_on_the_mlp_is_one_config_error(tmp_path):
@@ -367,3 +377,57 @@ def test_grad_shift_reads_the_raw_parameter_of_parametrized_weights(tmp_path):
     shifts = grad_shift(model, optimizer, weights,
                         lambda: nn.functional.cross_entropy(model(x), y))
     assert set(shifts) == set(weights) and shifts["layer2"][0] > 0
+
+
+# ---- switchable's scalars, the experiment, its figure ------------------------------------------
+
+
+def test_norm_scalars_are_logged_under_norm_layer_name():
+    from normlab.callbacks.ics import norm_scalars
+    from normlab.models.backbones import CNN
+
+    model = CNN((1, 8, 8), 10, norm=part("norm", "switchable"))
+    scalars = norm_scalars(model)
+    assert set(scalars) == {f"norm/layer{i}/{s}_{k}" for i in (1, 2) for s in ("mean", "var")
+                            for k in ("in", "ln", "bn")}
+    assert scalars["norm/layer1/mean_bn"] == pytest.approx(1 / 3)
+    assert norm_scalars(CNN((1, 8, 8), 10, norm=part("norm", "bn"))) == {}
+
+
+@pytest.mark.parametrize(("pair", "norm", "weights"), [("gn_ws", "GroupNorm", "standardized"),
+                                                       ("in", "InstanceNorm", "plain")])
+def test_groupnorm_batch_size_scales_lr_linearly_and_pairs_norm_and_weights(
+    tmp_path, pair, norm, weights
+):
+    from normlab.config.resolvers import register_resolvers
+
+    register_resolvers()  # as importing normlab.train does
+    cfg = compose_cfg(tmp_path, "experiment=groupnorm_batch_size", "data.batch_size=2",
+                      f"norm_and_weights={pair}")
+    assert cfg.lr == pytest.approx(0.1 * 2 / 32) and cfg.optimizer.momentum == 0.9
+    assert cfg.norm._target_.endswith(norm) and cfg.weights._target_.endswith(weights)
+    validate(cfg)
+
+
+def test_groupnorm_batch_size_figure_and_table(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import groupnorm_batch_size as script
+
+    for i, (norm, weights, batch, acc) in enumerate([
+        ("bn", "plain", 2, 0.5), ("bn", "plain", 2, 0.7), ("bn", "plain", 32, 0.9),
+        ("gn", "standardized", 2, 0.8), ("gn", "standardized", 32, 0.85),
+    ]):
+        job = tmp_path / "sweep" / str(i)
+        job.mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps({
+            "status": "ok", "val/acc": acc, "test/acc": acc,
+            "hparams": {"norm": norm, "weights": weights, "batch_size": batch}}))
+    cells, problems = script.collect([tmp_path / "sweep"])
+    assert not problems and set(cells) == {"bn", "gn+standardized"}
+    assert script.mean_std(cells["bn"][2]["val"]) == pytest.approx((40.0, 14.142), abs=1e-3)
+    assert "| bn (val error %) | 40.0 ± 14.1 (n=2) | 10.0 ± 0.0 (n=1) |" in script.table(cells)
+    written = script.draw(cells, tmp_path / "fig.png")
+    assert written[0].stat().st_size > 1000
