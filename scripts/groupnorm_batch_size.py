@@ -93,7 +93,7 @@ def draw(cells: Cells, out: Path, split: str = "val") -> list[Path]:
     ax.set_xlabel("batch size per device (lr = 0.1 x B / 32)")
     ax.set_ylabel(f"{'validation' if split == 'val' else 'test'} error (%)")
     n_seeds = max(len(c.get(split, [])) for per in cells.values() for c in per.values())
-    ax.set_title(f"Error vs batch size, VGG-small on digits (mean ± std, {n_seeds} seeds)")
+    ax.set_title(f"Error vs batch size, VGG-small on digits (mean ± std, up to {n_seeds} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     written = save_figure(fig, out)
