@@ -311,6 +311,10 @@ def test_noisy_bn_conv_noise_varies_over_spatial_positions_but_not_its_unit_mean
 def test_every_norm_position_and_backbone_trains_a_step(norm, backbone, position):
     torch.manual_seed(0)
     model = backbone((1, 8, 8), 10, norm=part("norm", norm), norm_position=position)
+    if backbone is MLP and refuses_features(norm):  # image-only (in): one line, on the MLP
+        with pytest.raises(ValueError, match=r"^[^\n]*use model=cnn"):
+            model(torch.randn(4, 1, 8, 8))
+        return
     block = model.blocks.layer1
     names = [name for name, _ in block.named_children()]
     assert (
@@ -391,7 +395,7 @@ BAD_NORM_OPTIONS = [
         ["norm=noisy_bn", "data.batch_size=1"],
         "data.batch_size=1: NoisyBatchNorm normalizes with the statistics of the batch and needs "
         "at least 2 samples per batch (per process) in training; use a larger data.batch_size "
-        "or a batch-independent norm (gn, ln, none, rms)",
+        "or a batch-independent norm (evonorm_s0, frn, gn, in, ln, none, rms)",
     ),
     (["norm.position=middle"], "norm.position='middle' is not valid; choose one of: pre, post"),
 ]
@@ -413,7 +417,17 @@ def test_bad_norm_options_are_one_clear_line(overrides, message):
 def test_batch_independent_norms_accept_batch_1(norm):
     from normlab.config.validate import validate
 
-    validate(compose_train([f"norm={norm}", "data.batch_size=1"]))
+    model = ["model=cnn"] if refuses_features(norm) else []
+    validate(compose_train([f"norm={norm}", "data.batch_size=1", *model]))
+
+
+def refuses_features(norm: str) -> bool:
+    """An image-only norm (Instance Norm) refuses (N, C) features with a ValueError."""
+    try:
+        part("norm", norm)(4).train()(torch.randn(32, 4))
+    except ValueError:
+        return True
+    return False
 
 
 def compose_train(overrides):

@@ -31,6 +31,7 @@ from normlab.callbacks.measure import (
     grad_shift,
     probe_activations,
     probe_batch,
+    trained_weight,
 )
 from normlab.callbacks.summary import activation_summary, grad_shift_summary
 from normlab.results.dashboard import Layout, ics_layout
@@ -98,6 +99,18 @@ def log_weight_stats(
         return
     for name, layer in layers.items():
         log_histogram(trainer, f"weights/{name}", layer.weight, step, bins)
+
+
+def norm_scalars(pl_module: nn.Module) -> dict[str, float]:
+    """`norm/<layer>/<name>` for every norm layer with a `scalars()` method (e.g. the mixture
+    weights of Switchable Norm): what a norm wants watched, logged at the ICS cadence."""
+    layers = pl_module.norm_layers() if hasattr(pl_module, "norm_layers") else {}
+    return {
+        f"norm/{layer}/{name}": value
+        for layer, norm in layers.items()
+        if callable(getattr(norm, "scalars", None))
+        for name, value in norm.scalars().items()
+    }
 
 
 # ---------------------------------------------------------------- the TensorBoard dashboard
@@ -217,6 +230,8 @@ class ICSMonitor(RecordingCallback):
         if not trainer.is_global_zero or self.probe is None:
             return
         preact, norm_out = probe_activations(pl_module, self.probe, self.probe_mode)
+        if scalars := norm_scalars(pl_module):
+            log_scalars(trainer, scalars, step)
         self.log_activations(trainer, step, preact)
         if self.histograms:
             for layer, x in norm_out.items():
@@ -263,7 +278,7 @@ class GradShift(RecordingCallback):
             return
         x, y = batch.first()  # a MiniBatchStack
         optimizer = pl_module.optimizers(use_pl_optimizer=False)
-        weights = {name: layer.weight for name, layer in pl_module.weight_layers().items()}
+        weights = {name: trained_weight(layer) for name, layer in pl_module.weight_layers().items()}
         shifts = grad_shift(pl_module, optimizer, weights, lambda: F.cross_entropy(pl_module(x), y))
         metrics = {}
         for name, (shift, cos) in shifts.items():

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlab.callbacks.no_trace import rng_rewinder, untouched
 
@@ -140,6 +141,16 @@ def grad_norm(layer: nn.Module) -> float | None:
     """L2 norm of the gradient of all the layer's parameters (weight and bias); None without one."""
     grads = [p.grad.detach().reshape(-1) for p in layer.parameters() if p.grad is not None]
     return torch.cat(grads).norm().item() if grads else None
+
+
+def trained_weight(layer: nn.Module) -> torch.Tensor:
+    """The parameter that training updates for `layer.weight`: the weight itself, or under a
+    torch parametrization (``weights=standardized|weight_norm``) the raw tensor behind it
+    (``original``; weight norm's direction ``v``, ``original1``)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        originals = layer.parametrizations.weight
+        return originals.original if hasattr(originals, "original") else originals.original1
+    return layer.weight
 
 
 def grad_shift(

@@ -3,6 +3,10 @@ composes, and in every joblib worker, which imports that module to run a job).
 
 `${run_name:}`: the job's task overrides (`normlab.results.dashboard.run_name`).
 
+`${normlab.linear_lr:BASE,BATCH[,REFERENCE]}`: the linear scaling rule (Goyal et al. 2017),
+``BASE * BATCH / REFERENCE`` (REFERENCE 32 by default), e.g.
+``lr: ${normlab.linear_lr:0.1,${data.batch_size}}`` so a batch-size sweep scales its lr.
+
 `${normlab.stamp:PATTERN}`: the process's start time formatted with `PATTERN` (strftime), plus
 milliseconds and a random suffix: `2026-11-25_21-13-05-123-a3f9`. Two runs or sweeps started in
 the same second get different output dirs. The value is fixed per process; Hydra resolves
@@ -30,6 +34,11 @@ def stamp(pattern: str) -> str:
     return f"{moment.strftime(pattern)}-{moment.microsecond // 1000:03d}-{suffix}"
 
 
+def linear_lr(base: float, batch: int, reference: int = 32) -> float:
+    """The learning rate `base` scaled linearly with the batch size: `base * batch / reference`."""
+    return float(base) * int(batch) / int(reference)
+
+
 def register_resolvers() -> None:
     """`${normlab.stamp:...}` (conf/hydra/default.yaml) and `${run_name:}` (the TensorBoard run
     name, conf/logger/tensorboard.yaml; see `normlab.results.dashboard.run_name`)."""
@@ -37,5 +46,7 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("normlab.stamp"):
         OmegaConf.register_new_resolver("normlab.stamp", stamp, use_cache=True)
+    if not OmegaConf.has_resolver("normlab.linear_lr"):
+        OmegaConf.register_new_resolver("normlab.linear_lr", linear_lr)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)

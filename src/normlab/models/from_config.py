@@ -45,7 +45,11 @@ def build_backbone(cfg: DictConfig, input_shape: Sequence[int], num_classes: int
         "num_classes": num_classes,
     }
     model = _instantiate(cfg, "model", partial=True)
-    return Checked("model", model)(**_accepted(model.func, parts))
+    backbone = Checked("model", model)(**_accepted(model.func, parts))
+    weights = component(cfg, "weights")  # weight-side normalization of every Linear/Conv
+    if weights is not None:
+        weights(backbone)
+    return backbone
 
 
 def component(cfg: DictConfig, group: str) -> Callable[..., Any] | None:

@@ -38,6 +38,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from normlab.nn import batchnorm as ours
 from normlab.nn.traits import (
@@ -91,6 +92,7 @@ def fold_batchnorm(model: nn.Module, report: list[str] | None = None) -> nn.Modu
     """
     folded = copy.deepcopy(model)
     notes = report if report is not None else []
+    _bake_parametrizations(folded)
     with torch.no_grad():
         names = {module: name for name, module in folded.named_modules()}
         for parent in list(folded.modules()):
@@ -102,6 +104,21 @@ def fold_batchnorm(model: nn.Module, report: list[str] | None = None) -> nn.Modu
                     notes.append(f"{names[norm]}: folded into {names[layer]} (before it)")
         _fold_post_norms(folded, names, notes)
     return folded.eval()
+
+
+def _bake_parametrizations(model: nn.Module) -> None:
+    """Replace parametrized weights (Weight Standardization, weight norm: ``weights=`` of the lab)
+    by the effective weight they compute, so a BN folds into the weight the layer really uses."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            values = {name: getattr(module, name).detach().clone()
+                      for name in module.parametrizations}
+            # Not parametrize.remove_parametrizations: the copy shares its parametrized class
+            # with the original model, and removing would strip the original's properties too.
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
 
 
 def _fold_post_norms(model: nn.Module, names: dict[nn.Module, str], notes: list[str]) -> None:

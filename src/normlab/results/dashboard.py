@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from normlab.results.runs import sorted_layers
 
 # Config groups whose chosen option is an hparam, and top-level keys that are.
-HPARAM_GROUPS = ("data", "model", "norm", "activation", "init", "optimizer", "scheduler")
+HPARAM_GROUPS = ("data", "model", "norm", "weights", "activation", "init", "optimizer", "scheduler")
 HPARAM_KEYS = {"lr": "lr", "dropout": "dropout", "data.batch_size": "batch_size", "seed": "seed",
                "norm.position": "position", "grad_clip": "grad_clip"}
 HPARAM_METRICS = ("val/acc", "test/acc")
