@@ -83,6 +83,24 @@ class StopOnSignal(Callback):
         signals.checkpoint_saved(path, trainer.global_step)
 
 
+class LoaderPosition(Callback):
+    """Record in each checkpoint how many training batches of the epoch were trained.
+
+    A loader's own `state_dict()` counts the batches it handed out, one more than trained while
+    Lightning prefetches; a resumed run must start right after the last trained batch.
+    """
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        try:
+            states = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        except (KeyError, TypeError):
+            return
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        for state in states:
+            if isinstance(state, dict) and "batches" in state:
+                state["batches"] = trained
+
+
 class StoreConfig(Callback):
     """Save the run's composed config (resolved, plain containers) in each checkpoint."""
 
@@ -95,4 +113,4 @@ class StoreConfig(Callback):
 
 def safety_callbacks(cfg: DictConfig) -> list[Callback]:
     """What every run gets: save-and-stop on SIGTERM/SIGINT, the config inside every checkpoint."""
-    return [StopOnSignal(), StoreConfig(cfg)]
+    return [StopOnSignal(), StoreConfig(cfg), LoaderPosition()]
