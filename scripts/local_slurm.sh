@@ -6,7 +6,7 @@
 # $NORMLAB_SLURM_DIR (default /var/lib/normlab-slurm) and clients find it via
 # SLURM_CONF.
 #
-#   eval "$(./local_slurm.sh start)"   # stdout: only `export SLURM_CONF=...`
+#   eval "$(./local_slurm.sh start)"   # stdout: only `export SLURM_CONF=...` (and PATH, see sacct)
 #   ./local_slurm.sh status             # exit 0 iff sinfo answers
 #   ./local_slurm.sh stop               # kill the daemons this script started
 #
@@ -148,7 +148,7 @@ ensure_munge() {
 # ---------------------------------------------------------------- config
 write_conf() {
     local cpus mem_total_mb margin real_mem
-    cpus="$(nproc)"
+    cpus="$(OMP_NUM_THREADS= OMP_THREAD_LIMIT= nproc)"  # nproc obeys OMP_NUM_THREADS: not here
     mem_total_mb=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 ))
     margin=$(( mem_total_mb / 10 ))
     [ "$margin" -lt 512 ] && margin=512
@@ -253,6 +253,45 @@ wait_idle() {
     done
 }
 
+# sacct without accounting: the local SLURM runs without slurmdbd
+# (AccountingStorageType=accounting_storage/none), but submitit polls `sacct` for job states
+# (without one, a job that ends with no result would be waited for forever). This stand-in answers
+# submitit's `sacct -o JobID,State,NodeList --parsable2 -j ID...` from `scontrol show job`
+# (jobs stay there MinJobAge=600 s). `start` prints PATH with it first.
+write_sacct_shim() {
+    mkdir -p "$DIR/bin"
+    cat >"$DIR/bin/sacct" <<'SHIM'
+#!/usr/bin/env bash
+# Minimal stand-in for `sacct` when AccountingStorageType=accounting_storage/none.
+# Supports what submitit's SlurmInfoWatcher calls:
+#   sacct -o JobID,State,NodeList --parsable2 -j ID [-j ID ...]
+# Data comes from `scontrol show job -o` (jobs vanish after MinJobAge=600 s).
+ids=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -j|--jobs) ids+=("${2//,/ }"); shift 2 ;;
+    -j*) ids+=("${1#-j}"); shift ;;
+    --jobs=*) ids+=("${1#--jobs=}"); shift ;;
+    *) shift ;;
+  esac
+done
+echo "JobID|State|NodeList"
+for id in ${ids[@]}; do
+  scontrol show job -o "$id" 2>/dev/null | while read -r line; do
+    jid=$(sed -n 's/.*\bJobId=\([0-9]*\).*/\1/p' <<<"$line")
+    aj=$(sed -n 's/.*\bArrayJobId=\([0-9]*\).*/\1/p' <<<"$line")
+    at=$(sed -n 's/.*\bArrayTaskId=\([0-9]*\).*/\1/p' <<<"$line")
+    st=$(sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p' <<<"$line")
+    nl=$(sed -n 's/.*\bNodeList=\([^ ]*\).*/\1/p' <<<"$line")
+    [ -n "$aj" ] && [ -n "$at" ] && jid="${aj}_${at}"
+    echo "$jid|$st|${nl/(null)/None assigned}"
+  done
+done
+exit 0
+SHIM
+    chmod 0755 "$DIR/bin/sacct"
+}
+
 # ---------------------------------------------------------------- commands
 cmd_start() {
     [ "$(id -u)" = 0 ] || die "must run as root (need to install packages and start munged/slurmd)"
@@ -271,7 +310,9 @@ cmd_start() {
     fi
     start_daemons
     wait_idle || exit 1
+    write_sacct_shim
     echo "export SLURM_CONF=$CONF"
+    case ":$PATH:" in *":$DIR/bin:"*) ;; *) echo "export PATH=$DIR/bin:\$PATH" ;; esac
 }
 
 cmd_stop() {

@@ -64,6 +64,7 @@ class StopOnSignal(Callback):
         signum = signals.stop_requested()
         if signum is not None:
             self._save(trainer)
+            signals.requeue_after_warning(signum)
             raise signals.interruption(signum)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:

@@ -19,6 +19,7 @@ still reads it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,56 @@ def completed_epochs(checkpoint: dict[str, Any]) -> int:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
         return checkpoint.get("epoch", 0) + 1
+
+
+# ---------------------------------------------------------------- a job continues in its own dir
+FINISHED = ("ok", "diverged")
+
+
+def continue_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """A sweep's job run again in its own dir: the recorded result when it had finished (kept,
+    not retrained); otherwise None, with `cfg.ckpt_path` set to its own checkpoint if it left
+    one (see `own_checkpoint`)."""
+    kept = finished_job(cfg)
+    if kept is None and (path := own_checkpoint(cfg)) is not None:
+        cfg.ckpt_path = str(path)
+    return kept
+
+
+def finished_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """In a sweep, the recorded result of a job whose dir already holds a finished run (a sweep
+    run again with `hydra.sweep.dir=<its dir>`): it is kept as it is, never retrained."""
+    record = _job_record(cfg)
+    return record if record is not None and record.get("status") in FINISHED else None
+
+
+def own_checkpoint(cfg: DictConfig) -> Path | None:
+    """In a sweep (or a requeued SLURM job), the job's own `checkpoints/last.ckpt` left by an
+    interrupted, killed or preempted attempt, when no `ckpt_path` was given: the job resumes
+    from it, in its own dir."""
+    if cfg.get("ckpt_path") or not _in_sweep():
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    record = _job_record(cfg)
+    if not path.is_file() or (record is not None and record.get("status") in FINISHED):
+        return None
+    return path
+
+
+def _in_sweep() -> bool:
+    from normlab.results.runs import is_multirun
+
+    return is_multirun() or "SLURM_RESTART_COUNT" in os.environ
+
+
+def _job_record(cfg: DictConfig) -> dict[str, Any] | None:
+    import json
+
+    if not _in_sweep():
+        return None
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -86,11 +86,48 @@ class RunInterrupted(BaseException):
         }
 
 
+def in_slurm_job() -> bool:
+    """True inside a job that submitit runs on SLURM (hydra/launcher=submitit_slurm)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
+def preempt_signal() -> int | None:
+    """In a SLURM job: the warning signal sbatch sends before the time limit (submitit's
+    `--signal`, USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise); None elsewhere."""
+    if not in_slurm_job():
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return int(getattr(signal.Signals, "SIG" + name.removeprefix("SIG"), signal.SIGUSR2))
+
+
+def keeps_interruption() -> bool:
+    """Does RunInterrupted travel on from the task function? In the command line's process (it
+    writes the summary, exits 130/143) and in a SLURM job: submitit must get no result from an
+    attempt that SLURM requeues, so the sweep waits for the attempt that ends the job."""
+    return is_launcher_process() or in_slurm_job()
+
+
+def requeue_after_warning(signum: int) -> None:
+    """After the checkpoint for the time-limit warning is saved: requeue this SLURM job (it
+    resumes from that checkpoint in its own dir). SLURM requeues a preempted job itself."""
+    if signum == preempt_signal():
+        import subprocess
+
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        log.warning("normlab: requeue of SLURM job %s: %s", job,
+                    "ok" if done.returncode == 0 else done.stderr.strip())
+
+
 def install() -> None:
-    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only)."""
+    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only), and in a SLURM
+    job the time-limit warning signal (instead of submitit's handler, which would requeue the
+    job without saving a checkpoint)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in HANDLED:
+    warning = preempt_signal()
+    for signum in (*HANDLED, *([warning] if warning else [])):
         if signal.getsignal(signum) is not _handler:
             signal.signal(signum, _handler)
 
