@@ -122,7 +122,6 @@ def completed_epochs(checkpoint: dict[str, Any]) -> int:
 # ---------------------------------------------------------------- a job continues in its own dir
 FINISHED = ("ok", "diverged")
 
-
 def continue_job(cfg: DictConfig) -> dict[str, Any] | None:
     """A sweep's job run again in its own dir: the recorded result when it had finished (kept,
     not retrained); otherwise None, with `cfg.ckpt_path` set to its own checkpoint if it left
@@ -130,7 +129,25 @@ def continue_job(cfg: DictConfig) -> dict[str, Any] | None:
     kept = finished_job(cfg)
     if kept is None and (path := own_checkpoint(cfg)) is not None:
         cfg.ckpt_path = str(path)
+    if kept is None and _in_sweep():
+        _mark_running(Path(cfg.paths.output_dir))
     return kept
+
+
+def _mark_running(job_dir: Path) -> None:
+    """`<job dir>/.running`: which process (or SLURM job) runs this attempt; the summary and the
+    report count the job `running` while it is alive (`normlab.results.runs.read_job`)."""
+    import json
+    import socket
+
+    from normlab.results.runs import RUNNING_MARKER
+    from normlab.run.atomic import atomic_write_bytes
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array else os.environ.get("SLURM_JOB_ID")
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(job_dir / RUNNING_MARKER, json.dumps(info).encode())
 
 
 def finished_job(cfg: DictConfig) -> dict[str, Any] | None:

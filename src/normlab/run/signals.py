@@ -207,7 +207,7 @@ def sweep_info() -> tuple[Path, str] | None:
 
 def _sweep_marker() -> Path | None:
     sweep = sweep_info()
-    if sweep is None or "submitit" in sweep[1]:
+    if sweep is None or in_slurm_job() or "submitit" in sweep[1] or "slurm" in sweep[1].lower():
         return None  # a SLURM job's signal is its own (preemption): the others go on
     return sweep[0] / MARKER
 
