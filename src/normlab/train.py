@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks.summary import merge_summaries
-from normlab.config import CONFIG_DIR, one_line
+from normlab.config import CONFIG_DIR, ConfigError, one_line
 from normlab.config.resolvers import register_resolvers
 from normlab.config.validate import validate
 from normlab.results import dashboard
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         with interruption_recorded(result):  # SIGTERM/SIGINT: status interrupted, RunInterrupted
             validate(cfg)
-            result.update(_fit_and_test(cfg, clock))
+            result.update(resume.trained_something(_fit_and_test(cfg, clock)))
             result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
         result["error"] = one_line(error)
@@ -152,7 +152,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.error(message)
             return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)  # 2: bad config or data
     log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
     return result.get("val/acc")
 

@@ -150,6 +150,17 @@ def _mark_running(job_dir: Path) -> None:
     atomic_write_bytes(job_dir / RUNNING_MARKER, json.dumps(info).encode())
 
 
+def trained_something(summary: dict[str, Any]) -> dict[str, Any]:
+    """`summary` of a fit that made at least one optimizer step; a run that trained nothing
+    (0 steps: e.g. trainer.limit_train_batches=0) is never `ok`: RuntimeError."""
+    if summary.get("steps") == 0:
+        raise RuntimeError(
+            "the run trained 0 optimizer steps (trainer.max_epochs, max_steps or "
+            "limit_train_batches leave no training batch): nothing to report"
+        )
+    return summary
+
+
 def finished_job(cfg: DictConfig) -> dict[str, Any] | None:
     """In a sweep, the recorded result of a job whose dir already holds a finished run (a sweep
     run again with `hydra.sweep.dir=<its dir>`): it is kept as it is, never retrained."""
