@@ -56,16 +56,23 @@ class StopOnSignal(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         signals.watch_steps(True)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.world_size > 1:  # a DDP process; after Lightning's own handler (registered
+            signals.install()  # late in fit, it broadcasts from inside the handler: deadlocks)
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             signals.watch_steps(False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         signum = signals.stop_requested()
+        if trainer.world_size > 1:  # every DDP process stops after the same step
+            stop = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)
+            signum = (signum or signals.signal.SIGTERM) if stop else None
         if signum is not None:
             self._save(trainer)
             signals.requeue_after_warning(signum)
-            raise signals.interruption(signum)
+            raise signals.stop_run(signum, ddp=trainer.world_size > 1)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

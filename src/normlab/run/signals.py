@@ -120,6 +120,22 @@ def requeue_after_warning(signum: int) -> None:
                     "ok" if done.returncode == 0 else done.stderr.strip())
 
 
+class WorkerInterrupted(Exception):
+    """A spawned DDP worker's RunInterrupted, as an Exception: torch's spawn hands an Exception's
+    text to the main process (which turns it back into RunInterrupted, `as_interruption`); a
+    BaseException would end the worker with a traceback instead."""
+
+
+def stop_run(signum: int, ddp: bool) -> BaseException:
+    """What StopOnSignal raises after saving: RunInterrupted, or in a spawned DDP worker its
+    `WorkerInterrupted` twin."""
+    import multiprocessing
+
+    stop = interruption(signum)
+    spawned = ddp and multiprocessing.parent_process() is not None
+    return WorkerInterrupted(stop.message) if spawned else stop
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM in this process (idempotent; main thread only), and in a SLURM
     job the time-limit warning signal (instead of submitit's handler, which would requeue the
@@ -137,13 +153,29 @@ def _handler(signum: int, frame: Any) -> None:
     if first:
         _State.signum = signum
         _mark_sweep(signum)
-    if first and (_State.training or _jobs_run_elsewhere()):
+    workers = _spawned_workers()
+    if first and (_State.training or _jobs_run_elsewhere() or workers):
+        for worker in workers:  # spawned DDP (trainer=ddp_cpu): the workers train, they stop
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signum)
         log.warning(
             "normlab: %s received: stopping after the current step (again to stop at once)",
             signal.Signals(signum).name,
         )
         return
+    for worker in workers:  # a second signal: no worker may outlive this process
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGKILL)
     raise RunInterrupted(signum)
+
+
+def _spawned_workers() -> list[Any]:
+    """The spawned DDP workers of this process (Lightning's ddp_spawn), if any."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # a worker itself
+        return []
+    return [p for p in multiprocessing.active_children() if p.pid and "loky" not in p.name.lower()]
 
 
 def watch_steps(active: bool) -> None:
@@ -233,6 +265,9 @@ def as_interruption(error: BaseException) -> RunInterrupted | None:
     if isinstance(error, RunInterrupted):
         return error
     signum = _State.signum
+    if signum is not None and type(error).__name__ in ("ProcessRaisedException",
+                                                       "ProcessExitedException"):
+        return _from_worker(signum, str(error))
     if isinstance(error, SIGTERMException):
         signum = signum or signal.SIGTERM
     elif isinstance(error, KeyboardInterrupt):
@@ -240,6 +275,17 @@ def as_interruption(error: BaseException) -> RunInterrupted | None:
     else:
         return None
     return interruption(signum)
+
+
+def _from_worker(signum: int, text: str) -> RunInterrupted:
+    """The interruption a spawned DDP worker reported (its RunInterrupted's text names the
+    checkpoint it saved and the step), for the process that spawned it."""
+    import re
+
+    saved = re.search(r"at optimizer step (\d+); saved (\S+) \(resume", text)
+    if saved is None:
+        return RunInterrupted(signum)
+    return RunInterrupted(signum, Path(saved.group(2)), int(saved.group(1)))
 
 
 @contextlib.contextmanager
