@@ -78,7 +78,12 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     table = summary_table(rows)
     counts = status_line(rows)
     text = f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}"
-    atomic_write_bytes(sweep_dir / "summary.md", text.encode())
+    try:
+        atomic_write_bytes(sweep_dir / "summary.md", text.encode())
+    except OSError as error:  # e.g. a full disk: the table is still printed, the sweep fails
+        cause = f"{error.strerror or error}: {error.filename or sweep_dir / 'summary.md'}"
+        print(f"normlab: error: summary.md not written ({cause})", file=sys.stderr)
+        rows.append({"job": "summary.md", "status": "failed", "error": cause})
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
     return rows
 
