@@ -100,3 +100,14 @@ def test_a_killed_sweep_continues_without_retraining_what_finished(tmp_path):
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "holds the results of another sweep" in other.stderr.strip().splitlines()[-1]
     assert {j: (tmp_path / j / "metrics.json").read_bytes() for j in "01"} == kept
+
+
+def test_hydra_job_interpolations_pass_the_checks(tmp_path):
+    from normlab.config.errors import ConfigError
+    from normlab.config.preflight import check_command_line
+
+    check_command_line(["-m", "seed=${hydra:job.num}", "norm=none,bn",
+                        f"hydra.sweep.dir={tmp_path}"])
+    own = "ckpt_path=${hydra:sweep.dir}/${hydra:job.num}/checkpoints/last.ckpt"
+    with pytest.raises(ConfigError, match="no such file"):  # one line, not a traceback
+        check_command_line(["-m", own, "norm=none,bn", f"hydra.sweep.dir={tmp_path}"])
