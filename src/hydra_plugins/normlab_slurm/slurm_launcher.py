@@ -1,6 +1,5 @@
 """The SLURM launcher (hydra/launcher=submitit_slurm; Hydra takes launchers only from the
-hydra_plugins package): hydra-submitit-launcher's, made to wait for
-how each job finally ends.
+hydra_plugins package): hydra-submitit-launcher's, made to wait for how each job finally ends.
 
 A job that SLURM preempts or requeues (`scontrol requeue`, or normlab's own requeue on the
 time-limit warning signal, see `normlab.run.signals`) saves `checkpoints/last.ckpt` in its job
