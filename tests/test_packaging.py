@@ -36,6 +36,7 @@ def test_wheel_carries_the_configs(tmp_path):
     expected = {f"normlab/conf/{p.relative_to(CONFIG_DIR)}" for p in CONFIG_DIR.rglob("*.yaml")}
     assert expected <= names
     assert "normlab/config/__init__.py" in names and "normlab/train.py" in names
+    assert "hydra_plugins/normlab_slurm/slurm_launcher.py" in names  # hydra/launcher=submitit_slurm
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     probe = "import normlab.config as c; print(c.CONFIG_DIR)"

@@ -1,9 +1,8 @@
 """Entry point: compose the config with Hydra, train, test, and write `metrics.json`.
 
-`train(cfg)` is a plain function (tests call it with a composed config); `main()` is the
-command line (`python train.py ...`). A run that raises is recorded as `status: failed` in its
-`metrics.json`; inside a sweep the other jobs go on and the sweep exits non-zero at the end.
-"""
+`train(cfg)` is a plain function (tests call it with a composed config); `main()` is the command
+line (`python train.py ...`). A run that raises is recorded as `status: failed` in its
+`metrics.json`; inside a sweep the other jobs go on and the sweep exits non-zero at the end."""
 
 from __future__ import annotations
 
@@ -18,13 +17,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks.summary import merge_summaries
-from normlab.config import CONFIG_DIR, one_line
+from normlab.config import CONFIG_DIR, ConfigError, one_line
 from normlab.config.resolvers import register_resolvers
 from normlab.config.validate import validate
 from normlab.results import dashboard
 from normlab.results.runs import METRICS, is_multirun, task_overrides, write_metrics
-from normlab.run import process
-from normlab.run.signals import RunInterrupted, interruption_recorded, is_launcher_process
+from normlab.run import process, resume
+from normlab.run.signals import RunInterrupted, interruption_recorded, keeps_interruption
 
 log = logging.getLogger("normlab")
 # Module level: before Hydra composes, and in joblib's workers, which import this module too.
@@ -38,13 +37,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     `train_seconds` counts fitting and testing only; `setup_seconds` the rest (imports, data,
     model), which the first run of a process pays alone.
     """
+    if (kept := resume.continue_job(cfg)) is not None:
+        return kept  # a continued sweep's finished job: kept as it is, not retrained
     output_dir = Path(cfg.paths.output_dir)
     result: dict[str, Any] = {"status": "failed", "overrides": task_overrides()}
     clock = {"start": time.perf_counter()}
     try:
         with interruption_recorded(result):  # SIGTERM/SIGINT: status interrupted, RunInterrupted
             validate(cfg)
-            result.update(_fit_and_test(cfg, clock))
+            result.update(resume.trained_something(_fit_and_test(cfg, clock)))
             result["status"] = "diverged" if "diverged_at_step" in result else "ok"
     except Exception as error:
         result["error"] = one_line(error)
@@ -120,11 +121,8 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
 
 
 def _progress(trainer: Any) -> tuple[int, int]:
-    """(epochs, optimizer steps) trained.
-
-    Under spawned DDP (trainer=ddp_cpu) training happens in child processes and this process's
-    loop counters stay at 0; Lightning hands back the path of rank 0's checkpoint, which has them.
-    """
+    """(epochs, optimizer steps) trained. Under spawned DDP (trainer=ddp_cpu) this process's loop
+    counters stay at 0; Lightning hands back the path of rank 0's checkpoint, which has them."""
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if trainer.global_step == 0 and checkpoint:
         import torch
@@ -143,8 +141,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except RunInterrupted:
-        if is_launcher_process():
-            raise  # normlab.run.cli writes the sweep summary and exits 130/143
+        if keeps_interruption():  # the command line (summary, exit 130/143), or a SLURM job
+            raise  # (no result for submitit: a requeued job's next attempt gives the outcome)
         return float("nan")  # a joblib worker: the launcher process stops the sweep
     except Exception as error:
         message = one_line(error)
@@ -154,7 +152,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.error(message)
             return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)  # 2: bad config or data
     log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
     return result.get("val/acc")
 

@@ -48,9 +48,26 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
             cfg = _compose(hydra, config_name, overrides, args.multirun)
             check_known_keys(hydra, config_name, cfg, overrides)
             check_output_dir(cfg, "sweep" if args.multirun else "run")
+            _as_a_job(cfg)  # ${hydra:job.num}, ${hydra:sweep.dir} resolve as in job 0
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     finally:
         GlobalHydra.instance().clear()  # hydra.main sets up its own
+
+
+def _as_a_job(cfg: Any) -> None:
+    """Let `${hydra:...}` interpolations (e.g. `seed='${hydra:job.num}'`) resolve during the
+    checks as they will in the first job."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    if "hydra" not in cfg:
+        return
+    with open_dict(cfg):
+        if OmegaConf.is_missing(cfg.hydra.job, "num"):
+            cfg.hydra.job.num = 0
+        if OmegaConf.is_missing(cfg.hydra.job, "id"):
+            cfg.hydra.job.id = "0"
+    HydraConfig.instance().set_config(cfg)
 
 
 def _hydra(config_dir: Path, extra_dir: str | None) -> Any:

@@ -73,11 +73,25 @@ class TensorBatches:
         self.steps_per_batch = steps_per_batch if train else 1
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
+        self._yielded = 0
         self.sampler = self  # Lightning looks for `sampler.set_epoch`
         self.batch_sampler = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the epoch (Lightning saves it in every checkpoint).
+
+        `batches` counts the batches handed out; Lightning fetches one batch ahead, so
+        `normlab.run.checkpoints.LoaderPosition` overwrites it with the batches trained."""
+        return {"epoch": self.epoch, "batches": self._yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next training epoch `state["epoch"]` starts after its first `state["batches"]`
+        batches: a run resumed mid-epoch sees exactly the batches the straight run saw."""
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
     @property
     def num_batches(self) -> int:
@@ -102,7 +116,13 @@ class TensorBatches:
     def __iter__(self) -> Iterator[MiniBatchStack | tuple[torch.Tensor, torch.Tensor]]:
         order = self.epoch_order()
         if self.train:
-            yield from self._train_batches(order)
+            skip, self._resume_at = self._resume_at, None
+            start = skip[1] if skip is not None and skip[0] == self.epoch else 0
+            self._yielded = start
+            for index, batch in enumerate(self._train_batches(order)):
+                if index >= start:
+                    self._yielded += 1
+                    yield batch
         else:
             for start in range(0, len(order), self.batch_size):
                 yield self._gather(order[start : start + self.batch_size])

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
+from typing import Any
+
+from normlab.config.errors import ConfigError
 
 IMAGES_MAGIC = 0x00000803  # IDX: 0, 0, type 0x08 (unsigned byte), 3 dimensions
 LABELS_MAGIC = 0x00000801  # 1 dimension
@@ -75,3 +78,43 @@ def check_checksums(folder: Path, files: list[tuple[str, str]], release: str) ->
                 f"{path}: not the {release} release file (md5 {digest}, expected {md5}; "
                 f"{path.stat().st_size} bytes: truncated or corrupt?)"
             )
+
+
+# ---------------------------------------------------------------- data that cannot train
+class BadDataError(ConfigError):
+    """Loaded data that cannot train (or would train on garbage): refused before training, in
+    one line naming the dataset's files or the config key; the command line exits 2."""
+
+
+def check_splits(splits: Any, *, where: str, num_classes: int, batch_size: int) -> None:
+    """Refuse data that cannot train: a split without samples, inputs and labels of different
+    counts, labels outside 0..num_classes-1, inputs that are NaN/inf after standardization
+    (e.g. a constant training set: its std is 0), a training batch larger than the training set
+    (0 optimizer steps per epoch). `where`: the files or `data.name=...` to name."""
+    import torch
+
+    for split in ("train", "val", "test"):
+        x, y = getattr(splits, split)
+        if len(y) == 0 or len(x) != len(y):
+            raise BadDataError(
+                f"{where}: the {split} split holds {len(x)} inputs and {len(y)} labels "
+                f"(each input needs exactly one label, and a split cannot be empty)"
+            )
+        bad = (y < 0) | (y >= num_classes)
+        if bool(bad.any()):
+            raise BadDataError(
+                f"{where}: {int(bad.sum())} {split} label(s) outside the {num_classes} classes "
+                f"0..{num_classes - 1} (e.g. {int(y[bad][0])}): wrong files or data.name?"
+            )
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            raise BadDataError(
+                f"{where}: {int((~finite).sum())} {split} input(s) hold NaN or inf after "
+                f"standardization (a constant training set has std 0; or corrupt values)"
+            )
+    n_train = len(splits.train[1])
+    if batch_size > n_train:
+        raise BadDataError(
+            f"data.batch_size={batch_size} is larger than the training set of {where} "
+            f"({n_train} samples): no optimizer step would run; lower data.batch_size"
+        )

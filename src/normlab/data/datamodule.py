@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from normlab.data.batches import TensorBatches
+from normlab.data.checks import check_splits
 from normlab.data.registry import Splits, dataset_info
 
 # Move a dataset onto the GPU once when it takes less than this share of free GPU memory.
@@ -61,7 +62,11 @@ class NormLabDataModule(pl.LightningDataModule):
     def load(self) -> Splits:
         """Load the splits once (also usable without a Trainer, e.g. in a notebook)."""
         if self.splits is None:
-            self.splits = self.info.load(self.root, self.download)
+            splits = self.info.load(self.root, self.download)
+            where = f"data.name={self.name} (paths.data_dir={self.root})"
+            check_splits(splits, where=where, num_classes=self.num_classes,
+                         batch_size=self.batch_size)  # bad data: one line, before training
+            self.splits = splits
         return self.splits
 
     def setup(self, stage: str | None = None) -> None:

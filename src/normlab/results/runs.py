@@ -23,7 +23,10 @@ from typing import Any
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
            # with callbacks=precise_bn: the same evaluation with the EMA running statistics
            "val/loss_ema", "val/acc_ema", "test/loss_ema", "test/acc_ema")
-STATUSES = ("ok", "diverged", "failed", "interrupted")
+STATUSES = ("ok", "diverged", "failed", "interrupted", "running", "not started")
+FINISHED = ("ok", "diverged")  # a continued sweep keeps these jobs as they are
+RUNNING_MARKER = ".running"  # {"host", "pid", "slurm_job"} of the job's current attempt
+SWEEP_PLAN = "sweep.json"  # the sweep's overrides and every job's, written when it starts
 METRICS_FILE = "metrics.json"
 NO_METRICS = "no metrics.json: the job process died before writing it (killed? out of memory?)"
 
@@ -80,8 +83,12 @@ def run_dirs(paths: Iterable[Path | str]) -> list[Path]:
 
 
 def read_job(job_dir: Path) -> dict[str, Any]:
-    """A job's metrics.json, or a `failed` record when the job never wrote a readable one."""
+    """A job's metrics.json, `running` while an attempt of it runs (its process or SLURM job is
+    alive), or a `failed` record when the job never wrote a readable one."""
     path = Path(job_dir) / METRICS_FILE
+    running = running_attempt(Path(job_dir))
+    if running is not None and (not path.is_file() or running > path.stat().st_mtime):
+        return {"status": "running", "overrides": read_overrides(job_dir)}
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -92,8 +99,55 @@ def read_job(job_dir: Path) -> dict[str, Any]:
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """`metrics.json` of every job under `sweep_dir`, with its job dir name under `job`."""
-    return [{"job": d.name, **read_job(d)} for d in job_dirs(sweep_dir)]
+    """`metrics.json` of every job under `sweep_dir`, with its job dir name under `job`; the
+    sweep's jobs that have no dir yet (`sweep.json`) as `not started`."""
+    rows = [{"job": d.name, **read_job(d)} for d in job_dirs(sweep_dir)]
+    seen = {row["job"] for row in rows}
+    for number, overrides in enumerate(planned_jobs(sweep_dir)):
+        if str(number) not in seen:
+            rows.append({"job": str(number), "status": "not started", "overrides": overrides})
+    return sorted(rows, key=lambda row: _job_key(row["job"]))
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]]:
+    """Every job's overrides, as the sweep planned them when it started (`sweep.json`), or []."""
+    try:
+        plan = json.loads((Path(sweep_dir) / SWEEP_PLAN).read_text())
+        return [list(map(str, job)) for job in plan.get("jobs") or []]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def running_attempt(job_dir: Path) -> float | None:
+    """When the job's current attempt started (its `.running` marker's mtime), if that attempt
+    still runs: its process is alive on this host, or its SLURM job is still queued/running."""
+    marker = Path(job_dir) / RUNNING_MARKER
+    try:
+        info = json.loads(marker.read_text())
+        started = marker.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    import os
+    import socket
+    import subprocess
+
+    if info.get("slurm_job"):
+        try:
+            squeue = subprocess.run(["squeue", "-h", "-o", "%T", "-j", str(info["slurm_job"])],
+                                    capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        states = squeue.stdout.split()
+        alive = squeue.returncode == 0 and any(s not in ("COMPLETED", "FAILED", "CANCELLED",
+                                                         "TIMEOUT") for s in states)
+        return started if alive else None
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return started
 
 
 def read_overrides(job_dir: Path) -> list[str]:

@@ -78,19 +78,95 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     table = summary_table(rows)
     counts = status_line(rows)
     text = f"# Sweep {sweep_dir}\n\n{counts}\n\n{table}"
-    atomic_write_bytes(sweep_dir / "summary.md", text.encode())
+    try:
+        atomic_write_bytes(sweep_dir / "summary.md", text.encode())
+    except OSError as error:  # e.g. a full disk: the table is still printed, the sweep fails
+        cause = f"{error.strerror or error}: {error.filename or sweep_dir / 'summary.md'}"
+        print(f"normlab: error: summary.md not written ({cause})", file=sys.stderr)
+        rows.append({"job": "summary.md", "status": "failed", "error": cause})
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}), {counts}:\n{table}", flush=True)
     return rows
 
 
+def sweep_plan(config: DictConfig) -> dict[str, Any]:
+    """The sweep's own overrides and every job's overrides (as Hydra's basic sweeper splits
+    them; `jobs` is empty for other sweepers, whose jobs are not known in advance)."""
+    overrides = sorted(str(o) for o in config.hydra.overrides.task)
+    jobs: list[list[str]] = []
+    if str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = config.hydra.sweeper.get("params") or {}
+        arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        jobs = [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return {"overrides": overrides, "jobs": jobs}
+
+
+_LOCKS: dict[Path, Any] = {}  # sweep dir -> its lock file, held open by this process
+
+
+def claim_sweep_dir(sweep_dir: Path, config: DictConfig) -> None:
+    """Before a sweep starts: the sweep dir is this sweep's, or one line and exit 2.
+
+    - Another sweep running into the same dir (its lock is held): refused.
+    - The dir holds results of a sweep with other overrides (or results of unknown origin):
+      refused, nothing is touched.
+    - The same sweep run again: it continues (finished jobs are kept, see
+      `normlab.run.resume.continue_job`).
+    """
+    import fcntl
+    import json
+
+    from normlab.results.runs import SWEEP_PLAN, job_dirs
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    key = sweep_dir.resolve()
+    if key not in _LOCKS:
+        lock = open(sweep_dir / ".sweep.lock", "a+")  # noqa: SIM115 -- held while the process runs
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            _refuse(f"another sweep is running into {sweep_dir}: wait for it, or choose another "
+                    f"hydra.sweep.dir")
+        _LOCKS[key] = lock
+    plan = sweep_plan(config)
+    try:
+        before = json.loads((sweep_dir / SWEEP_PLAN).read_text())
+    except (OSError, ValueError):
+        before = None
+    if before is None and job_dirs(sweep_dir):
+        _refuse(f"{sweep_dir} already holds job results of another run; choose another "
+                f"hydra.sweep.dir (nothing was changed)")
+    if before is not None and before.get("overrides") != plan["overrides"]:
+        was = " ".join(before.get("overrides") or []) or "(no overrides)"
+        _refuse(f"{sweep_dir} holds the results of another sweep ({was}); run that same sweep "
+                f"to continue it, or choose another hydra.sweep.dir (nothing was changed)")
+    atomic_write_bytes(sweep_dir / SWEEP_PLAN, json.dumps(plan, indent=1).encode())
+
+
+def _refuse(message: str) -> None:
+    print(f"normlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class SweepSummary(Callback):
-    """`on_multirun_end`: write `<sweep dir>/summary.md`, print it, exit 1 if a job failed."""
+    """`on_multirun_start`: claim the sweep dir (`claim_sweep_dir`). `on_multirun_end`: write
+    `<sweep dir>/summary.md`, print it, exit 1 if a job did not end ok or diverged."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        claim_sweep_dir(Path(config.hydra.sweep.dir), config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
         _write_figures(sweep_dir)
-        failed = [row["job"] for row in rows if row.get("status") == "failed"]
-        if failed:
-            print(f"normlab: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        bad = Counter(str(row.get("status")) for row in rows
+                      if row.get("status") not in ("ok", "diverged"))
+        if bad:  # the exit code follows the worst outcome: any job not ok/diverged fails the sweep
+            jobs = [row["job"] for row in rows if row.get("status") not in ("ok", "diverged")]
+            counts = ", ".join(f"{n} job(s) {s}" for s, n in bad.items())
+            print(f"normlab: {counts}: {', '.join(jobs)}", file=sys.stderr)
             sys.exit(1)

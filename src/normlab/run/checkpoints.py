@@ -56,15 +56,23 @@ class StopOnSignal(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         signals.watch_steps(True)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.world_size > 1:  # a DDP process; after Lightning's own handler (registered
+            signals.install()  # late in fit, it broadcasts from inside the handler: deadlocks)
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             signals.watch_steps(False)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         signum = signals.stop_requested()
+        if trainer.world_size > 1:  # every DDP process stops after the same step
+            stop = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)
+            signum = (signum or signals.signal.SIGTERM) if stop else None
         if signum is not None:
             self._save(trainer)
-            raise signals.interruption(signum)
+            signals.requeue_after_warning(signum)
+            raise signals.stop_run(signum, ddp=trainer.world_size > 1)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -83,6 +91,24 @@ class StopOnSignal(Callback):
         signals.checkpoint_saved(path, trainer.global_step)
 
 
+class LoaderPosition(Callback):
+    """Record in each checkpoint how many training batches of the epoch were trained.
+
+    A loader's own `state_dict()` counts the batches it handed out, one more than trained while
+    Lightning prefetches; a resumed run must start right after the last trained batch.
+    """
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        try:
+            states = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        except (KeyError, TypeError):
+            return
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        for state in states:
+            if isinstance(state, dict) and "batches" in state:
+                state["batches"] = trained
+
+
 class StoreConfig(Callback):
     """Save the run's composed config (resolved, plain containers) in each checkpoint."""
 
@@ -95,4 +121,4 @@ class StoreConfig(Callback):
 
 def safety_callbacks(cfg: DictConfig) -> list[Callback]:
     """What every run gets: save-and-stop on SIGTERM/SIGINT, the config inside every checkpoint."""
-    return [StopOnSignal(), StoreConfig(cfg)]
+    return [StopOnSignal(), StoreConfig(cfg), LoaderPosition()]

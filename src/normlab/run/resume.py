@@ -19,6 +19,7 @@ still reads it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,84 @@ def completed_epochs(checkpoint: dict[str, Any]) -> int:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
         return checkpoint.get("epoch", 0) + 1
+
+
+# ---------------------------------------------------------------- a job continues in its own dir
+FINISHED = ("ok", "diverged")
+
+def continue_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """A sweep's job run again in its own dir: the recorded result when it had finished (kept,
+    not retrained); otherwise None, with `cfg.ckpt_path` set to its own checkpoint if it left
+    one (see `own_checkpoint`)."""
+    kept = finished_job(cfg)
+    if kept is None and (path := own_checkpoint(cfg)) is not None:
+        cfg.ckpt_path = str(path)
+    if kept is None and _in_sweep():
+        _mark_running(Path(cfg.paths.output_dir))
+    return kept
+
+
+def _mark_running(job_dir: Path) -> None:
+    """`<job dir>/.running`: which process (or SLURM job) runs this attempt; the summary and the
+    report count the job `running` while it is alive (`normlab.results.runs.read_job`)."""
+    import json
+    import socket
+
+    from normlab.results.runs import RUNNING_MARKER
+    from normlab.run.atomic import atomic_write_bytes
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array else os.environ.get("SLURM_JOB_ID")
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(job_dir / RUNNING_MARKER, json.dumps(info).encode())
+
+
+def trained_something(summary: dict[str, Any]) -> dict[str, Any]:
+    """`summary` of a fit that made at least one optimizer step; a run that trained nothing
+    (0 steps: e.g. trainer.limit_train_batches=0) is never `ok`: RuntimeError."""
+    if summary.get("steps") == 0:
+        raise RuntimeError(
+            "the run trained 0 optimizer steps (trainer.max_epochs, max_steps or "
+            "limit_train_batches leave no training batch): nothing to report"
+        )
+    return summary
+
+
+def finished_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """In a sweep, the recorded result of a job whose dir already holds a finished run (a sweep
+    run again with `hydra.sweep.dir=<its dir>`): it is kept as it is, never retrained."""
+    record = _job_record(cfg)
+    return record if record is not None and record.get("status") in FINISHED else None
+
+
+def own_checkpoint(cfg: DictConfig) -> Path | None:
+    """In a sweep (or a requeued SLURM job), the job's own `checkpoints/last.ckpt` left by an
+    interrupted, killed or preempted attempt, when no `ckpt_path` was given: the job resumes
+    from it, in its own dir."""
+    if cfg.get("ckpt_path") or not _in_sweep():
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    record = _job_record(cfg)
+    if not path.is_file() or (record is not None and record.get("status") in FINISHED):
+        return None
+    return path
+
+
+def _in_sweep() -> bool:
+    from normlab.results.runs import is_multirun
+
+    return is_multirun() or "SLURM_RESTART_COUNT" in os.environ
+
+
+def _job_record(cfg: DictConfig) -> dict[str, Any] | None:
+    import json
+
+    if not _in_sweep():
+        return None
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

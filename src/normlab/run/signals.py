@@ -86,11 +86,64 @@ class RunInterrupted(BaseException):
         }
 
 
+def in_slurm_job() -> bool:
+    """True inside a job that submitit runs on SLURM (hydra/launcher=submitit_slurm)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
+def preempt_signal() -> int | None:
+    """In a SLURM job: the warning signal sbatch sends before the time limit (submitit's
+    `--signal`, USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise); None elsewhere."""
+    if not in_slurm_job():
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return int(getattr(signal.Signals, "SIG" + name.removeprefix("SIG"), signal.SIGUSR2))
+
+
+def keeps_interruption() -> bool:
+    """Does RunInterrupted travel on from the task function? In the command line's process (it
+    writes the summary, exits 130/143) and in a SLURM job: submitit must get no result from an
+    attempt that SLURM requeues, so the sweep waits for the attempt that ends the job."""
+    return is_launcher_process() or in_slurm_job()
+
+
+def requeue_after_warning(signum: int) -> None:
+    """After the checkpoint for the time-limit warning is saved: requeue this SLURM job (it
+    resumes from that checkpoint in its own dir). SLURM requeues a preempted job itself."""
+    if signum == preempt_signal():
+        import subprocess
+
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        log.warning("normlab: requeue of SLURM job %s: %s", job,
+                    "ok" if done.returncode == 0 else done.stderr.strip())
+
+
+class WorkerInterrupted(Exception):
+    """A spawned DDP worker's RunInterrupted, as an Exception: torch's spawn hands an Exception's
+    text to the main process (which turns it back into RunInterrupted, `as_interruption`); a
+    BaseException would end the worker with a traceback instead."""
+
+
+def stop_run(signum: int, ddp: bool) -> BaseException:
+    """What StopOnSignal raises after saving: RunInterrupted, or in a spawned DDP worker its
+    `WorkerInterrupted` twin."""
+    import multiprocessing
+
+    stop = interruption(signum)
+    spawned = ddp and multiprocessing.parent_process() is not None
+    return WorkerInterrupted(stop.message) if spawned else stop
+
+
 def install() -> None:
-    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only)."""
+    """Handle SIGINT and SIGTERM in this process (idempotent; main thread only), and in a SLURM
+    job the time-limit warning signal (instead of submitit's handler, which would requeue the
+    job without saving a checkpoint)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in HANDLED:
+    warning = preempt_signal()
+    for signum in (*HANDLED, *([warning] if warning else [])):
         if signal.getsignal(signum) is not _handler:
             signal.signal(signum, _handler)
 
@@ -100,13 +153,29 @@ def _handler(signum: int, frame: Any) -> None:
     if first:
         _State.signum = signum
         _mark_sweep(signum)
-    if first and (_State.training or _jobs_run_elsewhere()):
+    workers = _spawned_workers()
+    if first and (_State.training or _jobs_run_elsewhere() or workers):
+        for worker in workers:  # spawned DDP (trainer=ddp_cpu): the workers train, they stop
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signum)
         log.warning(
             "normlab: %s received: stopping after the current step (again to stop at once)",
             signal.Signals(signum).name,
         )
         return
+    for worker in workers:  # a second signal: no worker may outlive this process
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGKILL)
     raise RunInterrupted(signum)
+
+
+def _spawned_workers() -> list[Any]:
+    """The spawned DDP workers of this process (Lightning's ddp_spawn), if any."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # a worker itself
+        return []
+    return [p for p in multiprocessing.active_children() if p.pid and "loky" not in p.name.lower()]
 
 
 def watch_steps(active: bool) -> None:
@@ -170,7 +239,7 @@ def sweep_info() -> tuple[Path, str] | None:
 
 def _sweep_marker() -> Path | None:
     sweep = sweep_info()
-    if sweep is None or "submitit" in sweep[1]:
+    if sweep is None or in_slurm_job() or "submitit" in sweep[1] or "slurm" in sweep[1].lower():
         return None  # a SLURM job's signal is its own (preemption): the others go on
     return sweep[0] / MARKER
 
@@ -196,6 +265,9 @@ def as_interruption(error: BaseException) -> RunInterrupted | None:
     if isinstance(error, RunInterrupted):
         return error
     signum = _State.signum
+    if signum is not None and type(error).__name__ in ("ProcessRaisedException",
+                                                       "ProcessExitedException"):
+        return _from_worker(signum, str(error))
     if isinstance(error, SIGTERMException):
         signum = signum or signal.SIGTERM
     elif isinstance(error, KeyboardInterrupt):
@@ -203,6 +275,17 @@ def as_interruption(error: BaseException) -> RunInterrupted | None:
     else:
         return None
     return interruption(signum)
+
+
+def _from_worker(signum: int, text: str) -> RunInterrupted:
+    """The interruption a spawned DDP worker reported (its RunInterrupted's text names the
+    checkpoint it saved and the step), for the process that spawned it."""
+    import re
+
+    saved = re.search(r"at optimizer step (\d+); saved (\S+) \(resume", text)
+    if saved is None:
+        return RunInterrupted(signum)
+    return RunInterrupted(signum, Path(saved.group(2)), int(saved.group(1)))
 
 
 @contextlib.contextmanager
