@@ -8,7 +8,9 @@ normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm 
 ics_logging_overhead (epoch with the ICS callbacks / without), norm_step_time
 (`{"mlp": {norm: epoch time with that norm / with norm=none}, "cnn": {...}}`), step_vs_raw_torch_vgg
 and landscape_overhead (vgg_small with BN on 8x8 digits: normlab / plain loop, and normlab with the
-landscape probe at its default cadence / without).
+landscape probe at its default cadence / without); sweep_vs_hand_loop, job_overhead_seconds and
+default_sweep_seconds (scripts/bench_sweep.py: the real command line in fresh processes against
+the hand-written loop of scripts/hand_sweep.py, wall time).
 
 Data is MNIST-shaped (N x 1 x 28 x 28 uint8, made in memory; the real files when present under
 data/MNIST/raw). Each contender runs whole epochs, alternating rounds with the others; its figure
@@ -337,6 +339,13 @@ def custom_bn_figures(quick: bool) -> dict[str, float]:
     return bench_custom_bn.measure(quick=quick)
 
 
+def sweep_figures(quick: bool) -> dict[str, float]:
+    """sweep_vs_hand_loop, job_overhead_seconds, default_sweep_seconds (scripts/bench_sweep.py)."""
+    import bench_sweep  # beside this file, like bench_custom_bn
+
+    return bench_sweep.sweep_figures(quick=quick)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -367,13 +376,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "mlp": norm_step_times("mlp", n // 4 if args.quick else n // 2, 3, Path(tmp)),
             "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 3, Path(tmp)),
         }
-
-
         figures.update(vgg_figures(args.quick, Path(tmp)))
     figures.update(custom_bn_figures(args.quick))
     from bench_ics import logging_overhead  # beside this file, like bench_custom_bn
 
     figures["ics_logging_overhead"] = logging_overhead(quick=args.quick)
+    figures.update(sweep_figures(args.quick))
     figures["bench_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(figures, indent=2)
     print(text)

@@ -49,9 +49,9 @@ class SpyActivations(ICSMonitor):
         super().__init__(**kwargs)
         self.seen: dict[int, dict[str, torch.Tensor]] = {}
 
-    def log_activations(self, trainer, step, activations) -> None:
+    def log_activations(self, trainer, step, activations, *args, **kwargs) -> None:
         self.seen[step] = {k: v.clone() for k, v in activations.items()}
-        super().log_activations(trainer, step, activations)
+        super().log_activations(trainer, step, activations, *args, **kwargs)
 
 
 def fit(

@@ -84,9 +84,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any
     def group(key: str) -> list[Any]:
         return [instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]
 
-    callbacks = group("callbacks")
-    loggers = group("logger")
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra_callbacks], logger=loggers)
+    callbacks, no_bar = process.without_progress_bar_off_tty(group("callbacks"))
+    everything = [*callbacks, *extra_callbacks]
+    trainer = instantiate(cfg.trainer, callbacks=everything, logger=group("logger"), **no_bar)
     return trainer, callbacks
 
 

@@ -2,8 +2,9 @@
 
 - `ICSMonitor` (conf/callbacks/default.yaml, key `ics`): on a fixed probe batch, every N
   optimizer steps (exactly at steps 0, N, 2N, ..., also when one Lightning batch runs several
-  optimizer steps), the input of each nonlinearity as a histogram and as p15/p50/p85/mean/std
-  scalars, plus each layer's gradient norm and weight histogram.
+  optimizer steps), the input of each nonlinearity as p15/p50/p85/mean/std scalars and each
+  layer's gradient norm (cheap: dense by default); every M steps also the histograms of the
+  nonlinearity inputs, norm outputs and weights (expensive: sparse by default).
 - `GradShift` (callbacks=ics): gradient-based ICS (`ics/<layer>/grad_shift`, `grad_cos`).
 - `WeightStats`: gradient norms and weight histograms alone.
 
@@ -20,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
@@ -62,9 +64,21 @@ class StepCadence:
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send scalars to every logger of the trainer (TensorBoard, CSV, ...) at optimizer `step`."""
+    """Send scalars to every logger of the trainer (TensorBoard, CSV, ...) at optimizer `step`.
+
+    TensorBoard gets them as one event (one summary holding every value) rather than one event
+    per scalar, as `log_metrics` writes them: the event writer's queue holds 20 events and hands
+    each to its own thread, so a dense probe's dozen scalars would cost a dozen thread hand-offs.
+    The event files read the same: one scalar series per tag.
+    """
+    if not metrics:
+        return
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_prefix", ""):
+            values = [Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
+            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+        else:
+            logger.log_metrics(metrics, step=step)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[SummaryWriter]:
@@ -93,8 +107,7 @@ def log_weight_stats(
     trainer: pl.Trainer, layers: dict[str, nn.Module], step: int, bins: int | None = 64
 ) -> None:
     """Gradient norm of every layer to every logger; weight histograms (unless `bins` is None)."""
-    norms = {f"grads/{name}/norm": grad_norm(layer) for name, layer in layers.items()}
-    log_scalars(trainer, {tag: n for tag, n in norms.items() if n is not None}, step)
+    log_scalars(trainer, grad_norms(layers), step)
     if bins is None:
         return
     for name, layer in layers.items():
@@ -111,6 +124,15 @@ def norm_scalars(pl_module: nn.Module) -> dict[str, float]:
         if callable(getattr(norm, "scalars", None))
         for name, value in norm.scalars().items()
     }
+
+
+def grad_norms(layers: dict[str, nn.Module]) -> dict[str, float]:
+    """`grads/<layer>/norm` of every layer that has a gradient (one host read for all)."""
+    norms = {f"grads/{name}/norm": grad_norm(layer, read=False) for name, layer in layers.items()}
+    norms = {tag: norm for tag, norm in norms.items() if norm is not None}
+    if not norms:
+        return {}
+    return dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
 
 
 # ---------------------------------------------------------------- the TensorBoard dashboard
@@ -168,9 +190,11 @@ class RecordingCallback(pl.Callback):
 
 
 class ICSMonitor(RecordingCallback):
-    """Every N optimizer steps, on a fixed probe batch: the distribution entering each
-    nonlinearity (histogram + p15/p50/p85/mean/std), and with `weights=True` the gradient norm
-    and weight histogram of each layer; at the start, the TensorBoard dashboard (`layout=True`).
+    """Every N optimizer steps (`every_n_steps`), on a fixed probe batch: p15/p50/p85/mean/std
+    of the input of each nonlinearity, and with `weights=True` each layer's gradient norm. Every
+    M steps (`histogram_every_n_steps`, default N; a multiple of N keeps them on the same
+    steps) also the histograms: nonlinearity inputs, norm outputs and, with `weights=True`,
+    weights. At the start, the TensorBoard dashboard (`layout=True`).
 
     One callback does it all: Lightning calls every hook of every callback on every step, and on
     a small model each extra callback costs more than the measurements themselves.
@@ -186,10 +210,12 @@ class ICSMonitor(RecordingCallback):
         layout: bool = True,
         probe_mode: str = "batch",
         output_dir: str | Path | None = None,
+        histogram_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(output_dir)
         self.probe_mode = check_probe_mode(probe_mode)  # fails at construction, not mid-run
         self.cadence = StepCadence(every_n_steps)
+        self.histogram_cadence = StepCadence(histogram_every_n_steps or every_n_steps)
         self.probe_size = probe_size
         self.histograms = histograms
         self.bins = bins  # equal-width bins: 4x cheaper than TensorBoard's default ~1500 buckets
@@ -217,40 +243,64 @@ class ICSMonitor(RecordingCallback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Called inside every optimizer.step(), before the update: the weights after `step` updates.
-        if self.cadence.due(trainer.global_step):
-            self.measure(trainer, pl_module)
+        step = trainer.global_step
+        if self.cadence.due(step) or self.histogram_cadence.due(step):
+            self.measure(trainer, pl_module, histograms=self.histogram_cadence.due(step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The trained model is a point too, so "start -> end" in the summary spans all of training.
-        if not self.cadence.due(trainer.global_step):
+        # The trained model is a point too, so "start -> end" in the summary spans all of training
+        # (histograms included: the last distribution is the one people look at).
+        step = trainer.global_step
+        if not self.cadence.due(step):
             self.measure(trainer, pl_module)
+        elif not self.histogram_cadence.due(step):
+            self.measure(trainer, pl_module, scalars=False)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def measure(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        histograms: bool = True,
+        scalars: bool = True,
+    ) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or self.probe is None:
             return
-        preact, norm_out = probe_activations(pl_module, self.probe, self.probe_mode)
-        if scalars := norm_scalars(pl_module):
-            log_scalars(trainer, scalars, step)
-        self.log_activations(trainer, step, preact)
-        if self.histograms:
+        histograms = histograms and self.histograms
+        # the backbone alone: the LightningModule's torchmetrics modules hash their whole state
+        # each time a module walk meets them (model.modules(), model.train())
+        model = getattr(pl_module, "backbone", pl_module)
+        preact, norm_out = probe_activations(model, self.probe, self.probe_mode)
+        layers = pl_module.weight_layers() if self.weights else {}
+        # logged with the activations: one event
+        extra = {**grad_norms(layers), **norm_scalars(model)} if scalars else {}
+        self.log_activations(trainer, step, preact, histograms, scalars, extra=extra)
+        if histograms:
             for layer, x in norm_out.items():
                 log_histogram(trainer, f"norm_out/{layer}", x, step, self.bins)
-        if self.weights:
-            bins = self.bins if self.histograms else None
-            log_weight_stats(trainer, pl_module.weight_layers(), step, bins)
+        for name, layer in layers.items() if histograms else ():
+            log_histogram(trainer, f"weights/{name}", layer.weight, step, self.bins)
 
     def log_activations(
-        self, trainer: pl.Trainer, step: int, activations: dict[str, torch.Tensor]
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        activations: dict[str, torch.Tensor],
+        histograms: bool = True,
+        scalars: bool = True,
+        extra: dict[str, float] | None = None,
     ) -> None:
-        metrics = {
-            f"ics/{layer}/{name}": value
-            for layer, x in activations.items()
-            for name, value in distribution_stats(x).items()
-        }
-        log_scalars(trainer, metrics, step)
-        self.record(metrics, step)
-        if self.histograms:
+        """ics/<layer>/* scalars (recorded for metrics.json; `extra` scalars logged with them in
+        one event) and the `preact/<layer>` histograms."""
+        if scalars:
+            metrics = {
+                f"ics/{layer}/{name}": value
+                for layer, x in activations.items()
+                for name, value in distribution_stats(x).items()
+            }
+            log_scalars(trainer, {**metrics, **(extra or {})}, step)
+            self.record(metrics, step)
+        if histograms and self.histograms:
             for layer, x in activations.items():
                 log_histogram(trainer, f"preact/{layer}", x, step, self.bins)
 

@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,10 +50,31 @@ def distribution_stats(x: torch.Tensor, limit: int = QUANTILE_LIMIT) -> dict[str
     """`{"p15", "p50", "p85", "mean", "std"}` of all values of `x` (percentiles on a sample)."""
     flat = x.detach().reshape(-1).float()
     sample = flat_sample(flat, limit)
-    q = torch.tensor(list(PERCENTILES.values()), dtype=sample.dtype, device=sample.device)
     std, mean = torch.std_mean(flat)
-    values = torch.cat([torch.quantile(sample, q), mean[None], std[None]]).tolist()  # one sync
-    return dict(zip([*PERCENTILES, "mean", "std"], values, strict=True))
+    if sample.device.type == "cpu" and sample.numel() > 0:
+        mean_std = torch.stack([mean, std]).tolist()
+        percentiles = _quantiles(sample.numpy())
+    else:
+        q = torch.tensor(list(PERCENTILES.values()), dtype=sample.dtype, device=sample.device)
+        values = torch.cat([torch.quantile(sample, q), mean[None], std[None]]).tolist()  # one sync
+        percentiles, mean_std = values[:-2], values[-2:]
+    if math.isnan(mean_std[0]):  # a NaN anywhere: NaN percentiles, as torch.quantile says
+        percentiles = [math.nan] * len(PERCENTILES)
+    return dict(zip([*PERCENTILES, "mean", "std"], [*percentiles, *mean_std], strict=True))
+
+
+def _quantiles(values: np.ndarray) -> list[float]:
+    """torch.quantile's percentiles (linear interpolation between the neighbouring order
+    statistics) from one partial sort: ~4x cheaper than torch's full sort, and a dense probe
+    asks for them for every layer every few steps."""
+    positions = [q * (values.size - 1) for q in PERCENTILES.values()]
+    below = [math.floor(p) for p in positions]
+    above = [math.ceil(p) for p in positions]
+    ordered = np.partition(values, sorted({*below, *above}))
+    return [
+        float(ordered[lo] + (ordered[hi] - ordered[lo]) * np.float32(p - lo))
+        for p, lo, hi in zip(positions, below, above, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------- the probe batch
@@ -116,6 +139,7 @@ def probe_activations(
     norms = model.norm_layers() if hasattr(model, "norm_layers") else {}  # none: {}
     with (
         _probing(model, mode),
+        torch.no_grad(),  # no autograd graph: same values, a fraction of the cost
         capture(model.nonlinearities()) as preact,
         capture(norms, what="output") as norm_out,
     ):
@@ -137,10 +161,14 @@ def _probing(model: nn.Module, mode: str) -> Iterator[None]:
 # ---------------------------------------------------------------- gradients
 
 
-def grad_norm(layer: nn.Module) -> float | None:
-    """L2 norm of the gradient of all the layer's parameters (weight and bias); None without one."""
+def grad_norm(layer: nn.Module, read: bool = True) -> float | torch.Tensor | None:
+    """L2 norm of the gradient of all the layer's parameters (weight and bias); None without one.
+    `read=False`: the 0-d tensor, not yet read back (one read for many layers is cheaper)."""
     grads = [p.grad.detach().reshape(-1) for p in layer.parameters() if p.grad is not None]
-    return torch.cat(grads).norm().item() if grads else None
+    if not grads:
+        return None
+    norm = torch.cat(grads).norm()
+    return norm.item() if read else norm
 
 
 def trained_weight(layer: nn.Module) -> torch.Tensor:

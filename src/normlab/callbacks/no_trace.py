@@ -41,15 +41,19 @@ def rng_rewinder(devices: Sequence[torch.device]) -> Callable[[], None]:
 def untouched(model: nn.Module) -> Iterator[tuple[torch.device, list[torch.device]]]:
     """On exit: every module's train/eval mode, every buffer (BN running statistics) and the
     random number generators as they were. Yields (device, the CUDA devices forked)."""
-    modes = {module: module.training for module in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # a list, not a dict: torchmetrics' Metric hashes its whole state (the LightningModule's
+    # metrics are modules too), which made this line cost more than the probe's forward pass
+    modules = list(model.modules())  # one walk of the tree (a dense probe comes here often)
+    modes = [(module, module.training) for module in modules]
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
     device = next(model.parameters()).device
     try:
         with rng_untouched(device) as devices:
             yield device, devices
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, training in modes:
+            if module.training is not training:
+                module.training = training
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)

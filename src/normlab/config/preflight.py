@@ -84,8 +84,10 @@ def _hydra(config_dir: Path, extra_dir: str | None) -> Any:
 
 
 def _expanded(overrides: list[str]) -> Iterator[list[str]]:
-    """The overrides with each sweep replaced by one of its values: the first values together,
-    then every other value of each sweep once (so every value gets composed and checked)."""
+    """The overrides with each sweep replaced by one of its values: the k-th value of every
+    sweep together (a sweep shorter than k keeps its first), for k up to the longest sweep. So
+    every value gets composed and checked, in as few composes as the longest sweep has values
+    (3, not 5, for `norm=none,bn activation=relu,sigmoid seed=0,1,2`): each costs ~0.3 s."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -93,11 +95,9 @@ def _expanded(overrides: list[str]) -> Iterator[list[str]]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
         raise ConfigError(" ".join(str(error).split())) from error
-    choices = [_values(o) for o in parsed]
-    yield [values[0] for values in choices if values]
-    for i, values in enumerate(choices):
-        for value in values[1:]:
-            yield [value if j == i else v[0] for j, v in enumerate(choices) if v]
+    choices = [values for values in (_values(o) for o in parsed) if values]
+    for k in range(max((len(values) for values in choices), default=1)):
+        yield [values[k] if k < len(values) else values[0] for values in choices]
 
 
 def _values(override: Any) -> list[str]:

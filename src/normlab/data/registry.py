@@ -8,6 +8,7 @@ what is wrong with it (`normlab.data.checks`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,20 @@ def _hold_out(x: torch.Tensor, y: torch.Tensor, n_val: int) -> tuple[Split, Spli
     return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
 
 
-def load_digits(root: Path, download: bool) -> Splits:
-    """scikit-learn's 1,797 8x8 digits, split 1,197 / 300 / 300 by a fixed permutation."""
+@functools.cache
+def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 images (N, 1, 8, 8) in [0, 1] and labels, parsed once per process (every job
+    of a sweep in one process would otherwise re-read scikit-learn's CSV)."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    return x, torch.tensor(bunch.target, dtype=torch.int64)
+
+
+def load_digits(root: Path, download: bool) -> Splits:
+    """scikit-learn's 1,797 8x8 digits, split 1,197 / 300 / 300 by a fixed permutation."""
+    x, y = (t.clone() for t in _sklearn_digits())
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     train, val, test = (x[:1197], y[:1197]), (x[1197:1497], y[1197:1497]), (x[1497:], y[1497:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -35,6 +36,18 @@ def quiet_lightning() -> None:
     # log_every_n_steps counts optimizer steps here (train/lr); Lightning compares it with the
     # number of Lightning batches, K times smaller, and would warn for nothing.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller")
+
+
+def without_progress_bar_off_tty(callbacks: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """(callbacks, Trainer arguments) with no live progress bar when stdout is not a terminal
+    (a log file, a pipe, a batch job): redrawn lines are noise there, and Rich's live display
+    costs every job of a sweep its set-up, refreshes and teardown. The metrics are logged anyway."""
+    if sys.stdout.isatty():
+        return callbacks, {}
+    from lightning.pytorch.callbacks import ProgressBar
+
+    kept = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return kept, {"enable_progress_bar": False}
 
 
 def skip_nvml_probe_on_cpu(cfg: DictConfig) -> None:
