@@ -12,7 +12,7 @@ from conftest import ROOT, cli_error, run_cli
 from normlab.train import train
 
 BAD_INPUTS = [
-    ("norm=foo", "norm='foo' is not valid; choose one of: batch_renorm, bn, custom_bn, ghost_bn"),
+    ("norm=foo", f"norm='foo' is not valid; choose one of: {', '.join(choices('norm'))}"),
     ("data=foo", "data='foo' is not valid; choose one of: cifar10, digits, fashion_mnist, mnist"),
     ("activation=foo", "activation='foo' is not valid; choose one of: elu, gelu, leaky_relu, relu"),
     ("init=foo", "init='foo' is not valid; choose one of: default, he_normal"),

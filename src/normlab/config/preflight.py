@@ -51,7 +51,10 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
             _as_a_job(cfg)  # ${hydra:job.num}, ${hydra:sweep.dir} resolve as in job 0
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     finally:
+        from hydra.core.hydra_config import HydraConfig
+
         GlobalHydra.instance().clear()  # hydra.main sets up its own
+        HydraConfig.instance().cfg = None  # the job context of _as_a_job ends with the checks
 
 
 def _as_a_job(cfg: Any) -> None:
