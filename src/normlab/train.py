@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.callbacks.summary import merge_summaries
+from normlab.callbacks.summary import merge_depth, merge_summaries
 from normlab.config import CONFIG_DIR, one_line
 from normlab.config.resolvers import register_resolvers
 from normlab.config.validate import validate
@@ -114,6 +114,7 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = merge_summaries(callbacks)
+    summary["depth"] = merge_depth(callbacks)
     summary["hparams"] = dashboard.hparams_of(cfg)
     dashboard.log_hparams(trainer, cfg)
     return summary
@@ -155,7 +156,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)
         sys.exit(1)
-    log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
+    shown = {k: v for k, v in result.items() if k not in ("ics", "depth")}
+    log.info("%s", OmegaConf.to_yaml(shown))
     return result.get("val/acc")
 
 
