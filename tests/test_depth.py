@@ -248,3 +248,62 @@ def test_a_run_records_depth_numbers_and_tags(make_cfg, tmp_path):
     for tag in ("gradprofile/layer1/norm", "gradprofile/layer1/rel", "scale/layer1/std",
                 "rank/layer1/stable_rank", "rank/layer1/cosine"):
         assert sorted(tags[tag]) == [0, 2, 3], tag
+
+
+# ---------------------------------------------------------------- figures
+
+
+def fake_sweep(root, grid, layers=6, make=lambda params, i: 1.0):
+    """Job dirs with metrics.json "depth" numbers and Hydra's overrides.yaml, one per grid point."""
+    import yaml
+
+    for job, params in enumerate(grid):
+        d = root / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump([f"{k}={v}" for k, v in params.items()]))
+        depth = {f"layer{i}": {
+            "grad_norm_init": make(params, i), "grad_norm_end": 1.0, "cosine_init": 0.1 * i / layers,
+            "stable_rank_init": float(layers - i + 1)} for i in range(1, layers + 1)}
+        (d / "metrics.json").write_text(json.dumps(
+            {"status": "ok", "test/acc": 0.5, "val/loss": 1.0, "depth": depth}))
+    return root
+
+
+@pytest.mark.parametrize("experiment, grid", [
+    ("vanishing", [{"activation": a, "init": i, "norm": n, "seed": s} for a in ("sigmoid", "relu")
+                   for i in ("default", "he_normal") for n in ("none", "bn") for s in (0, 1)]),
+    ("explosion", [{"model": m, "model.depth": d, "norm": n, "seed": s} for m in ("mlp", "resnet")
+                   for d in (8, 14) for n in ("bn", "none") for s in (0, 1)]),
+    ("rank", [{"activation": a, "norm": n, "seed": s} for a in ("identity", "relu")
+              for n in ("none", "bn") for s in (0, 1)]),
+    ("resnet", [{"norm": n, "model.skipinit": k, "seed": s} for n in ("none", "bn")
+                for k in ("false", "true") for s in (0, 1)]),
+])
+def test_depth_script_draws_each_experiment(tmp_path, capsys, experiment, grid):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("depth_script", ROOT / "scripts" / "depth.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    layers = 12 if experiment == "rank" else 6
+    sweep = fake_sweep(tmp_path / "sweep", grid, layers,
+                       make=lambda p, i: 2.0 ** (int(p.get("model.depth", 6)) - i))
+    out = tmp_path / "fig.png"
+    assert script.main([experiment, str(sweep), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert table.startswith("|") and f"({len(grid)} runs)" in table
+    if experiment == "explosion":  # first-layer gradient 2**(depth - 1): growth 2 per layer
+        assert "| 2.000 |" in table
+
+
+def test_sweep_figures_for_the_landing_page(tmp_path):
+    from normlab.results.depth import sweep_figures
+
+    sweep = fake_sweep(tmp_path, [{"norm": n, "seed": s} for n in ("none", "bn") for s in (0, 1)])
+    figures = sweep_figures(sweep)
+    assert set(figures) == {"comparison/gradient_profile", "comparison/rank"}
+    assert sweep_figures(tmp_path / "empty") == {}
