@@ -17,7 +17,7 @@ from torch import nn
 
 from normlab.callbacks.depth import DepthProbe, depth_probe, depth_summary, mean_cosine, stable_rank
 from normlab.models.backbones import MLP
-from normlab.models.resnet import ResNet, Residual
+from normlab.models.resnet import Residual, ResNet
 from normlab.results.runs import read_scalars
 
 # ---------------------------------------------------------------- the numbers
@@ -263,7 +263,8 @@ def fake_sweep(root, grid, layers=6, make=lambda params, i: 1.0):
         (d / ".hydra" / "overrides.yaml").write_text(
             yaml.safe_dump([f"{k}={v}" for k, v in params.items()]))
         depth = {f"layer{i}": {
-            "grad_norm_init": make(params, i), "grad_norm_end": 1.0, "cosine_init": 0.1 * i / layers,
+            "grad_norm_init": make(params, i), "grad_norm_end": 1.0,
+            "cosine_init": 0.1 * i / layers,
             "stable_rank_init": float(layers - i + 1)} for i in range(1, layers + 1)}
         (d / "metrics.json").write_text(json.dumps(
             {"status": "ok", "test/acc": 0.5, "val/loss": 1.0, "depth": depth}))
