@@ -106,6 +106,8 @@ def explosion(runs: Runs) -> tuple[Figure, str]:
         deepest = [r for r in runs if f"{'resnet' if _p(r, 'model') == 'resnet' else 'mlp'} "
                    f"norm={_p(r, 'norm')}" == label and int(_p(r, "model.depth")) == depths[-1]]
         profile = mean_profile(deepest, "grad_norm_init")
+        within = (profile[0] / profile[-1]) ** (1 / (len(profile) - 1)) if len(profile) > 1 else 1
+        rows[-1].append(f"{within:.3f}")
         ax_layers.plot(range(1, len(profile) + 1), profile, style, marker=".",
                        color=PALETTE[i % len(PALETTE)], label=f"{label}, depth {depths[-1]}")
     ax_depth.set_yscale("log")
@@ -120,7 +122,9 @@ def explosion(runs: Runs) -> tuple[Figure, str]:
         ax.legend(fontsize=7)
     figure.suptitle("At initialization, He init, digits (Yang et al. 2019)")
     depths = sorted({int(_p(r, "model.depth")) for r in runs})
-    table = _table(["network", *(f"depth {d}" for d in depths), "growth per layer"], rows)
+    header = ["network", *(f"depth {d}" for d in depths), "growth per layer (across depths)",
+              f"growth per layer (within depth {depths[-1]})"]
+    table = _table(header, rows)
     return figure, table
 
 
