@@ -308,3 +308,23 @@ def test_sweep_figures_for_the_landing_page(tmp_path):
     figures = sweep_figures(sweep)
     assert set(figures) == {"comparison/gradient_profile", "comparison/rank"}
     assert sweep_figures(tmp_path / "empty") == {}
+
+
+@pytest.mark.parametrize("preact, shortcut, position", [
+    (False, "A", "pre"), (False, "B", "pre"), (True, "A", "pre"), (False, "A", "post"),
+])
+def test_batchnorm_folds_into_a_resnet_without_changing_its_function(preact, shortcut, position):
+    from normlab.nn import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNet((1, 8, 8), 10, depth=8, norm=part("norm", "bn"), preact=preact,
+                   shortcut=shortcut, norm_position=position, skipinit=True)
+    with torch.no_grad():
+        for block in list(model.blocks)[1:]:
+            block.alpha.fill_(0.5)
+        model.train()(torch.randn(64, 1, 8, 8))  # running statistics away from 0 / 1
+    x = torch.randn(5, 1, 8, 8)
+    folded = fold_batchnorm(model.eval())
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
+    remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(remaining) < len(model.norm_layers()) * 2  # most of them folded

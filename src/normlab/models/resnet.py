@@ -82,8 +82,9 @@ class ShortcutA(nn.Module):
 class Residual(nn.Module):
     """One basic block: ``act(x + branch(x))`` (post-activation) or ``x + branch(x)`` (preact).
 
-    Children in forward order: conv1, norm1, act1, conv2, norm2 (preact: norm1, act1, conv1, norm2,
-    act2, conv2), then the shortcut's conv/norm (option B), the SkipInit scalar, the final act.
+    Children registered in forward order: conv1, norm1, act1, conv2, norm2, shortcut, act2
+    (preact: norm1, act1, conv1, norm2, act2, conv2, shortcut), so `fold_batchnorm` folds each BN
+    into the conv in front of it; the SkipInit scalar is a parameter, `alpha`.
     """
 
     def __init__(
@@ -101,16 +102,25 @@ class Residual(nn.Module):
     ) -> None:
         super().__init__()
         self.preact, self.position = preact, position
-        # Weights first (same seed, same convs whatever the norm), then the norms.
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        # Weights first (same seed, same convs whatever the norm), then the norms; registered
+        # below in forward order (folding BN into the conv before it relies on that order).
+        conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         reshape = stride != 1 or c_in != c_out
         projection = shortcut == "B" and reshape
         short_conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if projection else None
-        self.norm1 = make_norm(norm, c_in if preact else c_out)
-        self.act1 = make_activation(activation)
-        self.norm2 = make_norm(norm, c_out)
-        self.act2 = make_activation(activation)
+        norm1, act1 = make_norm(norm, c_in if preact else c_out), make_activation(activation)
+        norm2, act2 = make_norm(norm, c_out), make_activation(activation)
+        first = [("norm1", norm1), ("act1", act1)]
+        first = first if position == "pre" else first[::-1]
+        second = [("norm2", norm2), ("act2", act2)]
+        second = second if position == "pre" else second[::-1]
+        if preact:
+            order = [*first, ("conv1", conv1), *second, ("conv2", conv2)]
+        else:
+            order = [("conv1", conv1), *first, ("conv2", conv2), ("norm2", norm2)]
+        for name, module in order:
+            setattr(self, name, module)
         if projection:
             self.shortcut = nn.Sequential(short_conv, make_norm(norm, c_out))
         elif reshape:
@@ -118,6 +128,8 @@ class Residual(nn.Module):
         else:
             self.shortcut = nn.Identity()
         self.alpha = nn.Parameter(torch.zeros(())) if skipinit else None
+        if not preact:
+            self.act2 = act2  # after the addition
 
     def _norm_act(self, x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:
         return act(norm(x)) if self.position == "pre" else norm(act(x))
