@@ -93,6 +93,7 @@ def explosion(runs: Runs) -> tuple[Figure, str]:
         depth = int(_p(run, "model.depth", "0"))
         series.setdefault(label, {}).setdefault(depth, [])  # type: ignore[arg-type]
         series[label][depth].append(layer_values(run, "grad_norm_init")[0])  # type: ignore[attr-defined]
+    all_depths = sorted({int(_p(r, "model.depth", "0")) for r in runs})
     for i, (label, by_depth) in enumerate(sorted(series.items())):
         depths = sorted(by_depth)
         logs = {d: [math.log(v) for v in by_depth[d] if v > 0] for d in depths}
@@ -101,7 +102,7 @@ def explosion(runs: Runs) -> tuple[Figure, str]:
         ax_depth.plot(depths, means, style, marker="o", color=PALETTE[i % len(PALETTE)],
                       label=label)
         rate = _growth_rate(logs)
-        cells = [fmt(*mean_std(by_depth[d])) for d in depths]
+        cells = [fmt(*mean_std(by_depth[d])) if d in by_depth else "-" for d in all_depths]
         rows.append([label, *cells, f"{rate:.3f}"])
         deepest = [r for r in runs if f"{'resnet' if _p(r, 'model') == 'resnet' else 'mlp'} "
                    f"norm={_p(r, 'norm')}" == label and int(_p(r, "model.depth")) == depths[-1]]
@@ -121,9 +122,8 @@ def explosion(runs: Runs) -> tuple[Figure, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle("At initialization, He init, digits (Yang et al. 2019)")
-    depths = sorted({int(_p(r, "model.depth")) for r in runs})
-    header = ["network", *(f"depth {d}" for d in depths), "growth per layer (across depths)",
-              f"growth per layer (within depth {depths[-1]})"]
+    header = ["network", *(f"depth {d}" for d in all_depths), "growth per layer (across depths)",
+              "growth per layer (within the deepest)"]
     table = _table(header, rows)
     return figure, table
 
