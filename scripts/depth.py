@@ -184,7 +184,8 @@ def resnet(runs: Runs) -> tuple[Figure, str]:
     ax_acc, ax_grad = figure.subplots(1, 2)
     rows, labels, means, stds = [], [], [], []
     for i, members in enumerate(by_group.values()):
-        norm, skip = _p(members[0], "norm"), _p(members[0], "model.skipinit", "false")
+        norm = _p(members[0], "norm")
+        skip = _p(members[0], "model.skipinit", "false").lower()
         name = f"{norm}{' + SkipInit' if skip == 'true' else ''}"
         acc = mean_std(r["metrics"].get("test/acc") for r in members)
         loss = mean_std(r["metrics"].get("val/loss") for r in members)
@@ -210,7 +211,7 @@ def resnet(runs: Runs) -> tuple[Figure, str]:
     for ax in (ax_acc, ax_grad):
         ax.grid(alpha=0.3)
     figure.suptitle("ResNet-20 on digits: norms and SkipInit")
-    table = _table(["norm", "test acc", "val loss", "block1/block10 grad at init", "status",
+    table = _table(["norm", "test acc", "val loss", "stem/last-block grad at init", "status",
                     "seeds"], rows)
     return figure, table
 
