@@ -156,6 +156,7 @@ def test_readme_recipe_is_short():
     assert len(code) <= 22
 
 
+@pytest.mark.slow  # a subprocess sweep or import-heavy CLI run: CI runs it with -m slow
 def test_readme_recipe_runs_from_a_folder_outside_the_repository(tmp_path):
     files, commands = readme_recipe()
     assert set(files) == {"mynorms.py", "my_conf/norm/msn.yaml", "mynets.py",
@@ -187,3 +188,13 @@ def test_readme_recipe_runs_from_a_folder_outside_the_repository(tmp_path):
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert single["status"] == "ok" and single["hparams"]["model"] == "wide"
     assert "normlab" not in str(tmp_path) and not (ROOT / "mynorms.py").exists()
+
+
+def test_a_target_that_does_not_import_is_one_line(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.norm = {"_target_": "no_such_package.Norm", "position": "pre"}
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    message = str(error.value)
+    assert message.startswith("norm._target_=no_such_package.Norm: ") and "\n" not in message

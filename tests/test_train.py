@@ -80,6 +80,7 @@ def test_failed_run_records_status_and_error(make_cfg, tmp_path):
     assert written["status"] == "failed" and "MNIST files not found" in written["error"]
 
 
+@pytest.mark.slow  # a subprocess sweep or import-heavy CLI run: CI runs it with -m slow
 def test_cli_sweep_none_vs_bn(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "norm=none,bn", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}")
@@ -98,6 +99,7 @@ def test_cli_sweep_none_vs_bn(tmp_path):
     assert "Sweep summary" in proc.stdout
 
 
+@pytest.mark.slow  # a subprocess sweep or import-heavy CLI run: CI runs it with -m slow
 def test_cli_missing_dataset_is_one_clear_line(tmp_path):
     proc = run_cli("data=mnist", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 1

@@ -82,6 +82,7 @@ def test_validation_names_preset_and_data(make_cfg):
         validate(make_cfg("model=vgg", "model.config=[8,M,8,M,8,M,8,M]"))
 
 
+@pytest.mark.slow  # a subprocess sweep or import-heavy CLI run: CI runs it with -m slow
 def test_cli_too_deep_preset_is_one_line_without_traceback(tmp_path):
     proc = run_cli("model=vgg", "model.preset=vgg11", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2  # a config error: refused before any work

@@ -69,7 +69,8 @@ def _instantiate(cfg: DictConfig, group: str, partial: bool) -> Any:
         )
     except Exception as error:
         cause = error.__cause__ if error.__cause__ is not None else error
-        raise ConfigError(f"{group}._target_={node._target_}: {cause}") from error
+        text = " ".join(str(cause).split())
+        raise ConfigError(f"{group}._target_={node._target_}: {text}") from error
 
 
 def _accepted(target: Callable[..., Any], parts: dict[str, Any]) -> dict[str, Any]:
