@@ -8,7 +8,9 @@ normlab faster), the same two for the CNN (`*_cnn`), custom_bn_* (our BatchNorm 
 ics_logging_overhead (epoch with the ICS callbacks / without), norm_step_time
 (`{"mlp": {norm: epoch time with that norm / with norm=none}, "cnn": {...}}`), step_vs_raw_torch_vgg
 and landscape_overhead (vgg_small with BN on 8x8 digits: normlab / plain loop, and normlab with the
-landscape probe at its default cadence / without); sweep_vs_hand_loop, job_overhead_seconds and
+landscape probe at its default cadence / without); step_vs_raw_torch_resnet (ResNet-20 with BN on
+8x8 digits: normlab / plain loop) and depth_probe_overhead (default run: epoch with the depth probe
+at its default cadence / without); sweep_vs_hand_loop, job_overhead_seconds and
 default_sweep_seconds (scripts/bench_sweep.py: the real command line in fresh processes against
 the hand-written loop of scripts/hand_sweep.py, wall time).
 
@@ -152,6 +154,7 @@ class NormlabEpochs:
         out: Path,
         *overrides: str,
         norm: str = "bn",
+        probe_samples: int = 64,
     ):
         from hydra import compose, initialize_config_dir
         from hydra.utils import instantiate
@@ -180,7 +183,7 @@ class NormlabEpochs:
         torch.manual_seed(0)
         self.datamodule = instantiate(cfg.data)
         assert isinstance(self.datamodule, NormLabDataModule)
-        few = (x[:64], y[:64])
+        few = (x[:probe_samples], y[:probe_samples])  # validation: the probes' batch
         self.datamodule.splits = Splits((x, y), few, few)  # bypass the registry: bench data
         self.module = build_module(cfg, self.datamodule)
         self.pause = _PauseEachEpoch()
@@ -333,6 +336,60 @@ def vgg_figures(quick: bool, out: Path) -> dict[str, float]:
     }
 
 
+def raw_resnet_epoch(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The plain loop of `raw_loop_epoch` on the very ResNet-20 normlab builds (BN)."""
+    from normlab.models.resnet import ResNet
+    from normlab.nn import TorchBatchNorm
+
+    torch.manual_seed(0)
+    model = ResNet(tuple(x.shape[1:]), 10, preset="resnet20", norm=TorchBatchNorm)
+    return plain_loop_epoch(model, x, y)
+
+
+def resnet_figures(quick: bool, out: Path) -> dict[str, float]:
+    """step_vs_raw_torch_resnet: ResNet-20 with BN on 8x8 digits, normlab / plain loop."""
+    x, y = digits_tiled(BATCH * (40 if quick else 200))
+    digits = (
+        "data.name=digits", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+        "model.preset=resnet20",
+    )
+    plain = NormlabEpochs("resnet", x, y, out / "resnet", *digits)
+    try:
+        seconds = race({"raw_torch": raw_resnet_epoch(x, y), "normlab": plain.epoch},
+                       3 if quick else 6)
+    finally:
+        plain.stop()
+    return {
+        "step_vs_raw_torch_resnet": seconds["normlab"] / seconds["raw_torch"],
+        "epoch_seconds_resnet": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
+def depth_probe_figures(quick: bool, out: Path) -> dict[str, float]:
+    """depth_probe_overhead: epoch of the default run (MLP with BN, default callbacks) with the
+    depth probe at its default cadence / without it. Epochs are exactly one cadence long (1,000
+    optimizer steps), so every epoch holds one measurement on a 256-sample probe batch."""
+    from omegaconf import OmegaConf
+
+    every = OmegaConf.load(ROOT / "conf" / "callbacks" / "default.yaml").depth.every_n_steps
+    images, labels = mnist_shaped(BATCH * every)
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - 0.1307) / 0.3081
+    y = torch.from_numpy(labels).long()
+    common = ("callbacks.progress_bar=null", "trainer.enable_progress_bar=false")
+    plain = NormlabEpochs("mlp", x, y, out / "no_depth", *common, "callbacks.depth=null",
+                          probe_samples=256)
+    probed = NormlabEpochs("mlp", x, y, out / "depth", *common, probe_samples=256)
+    try:
+        seconds = race({"plain": plain.epoch, "depth": probed.epoch}, 3 if quick else 5)
+    finally:
+        plain.stop()
+        probed.stop()
+    return {
+        "depth_probe_overhead": seconds["depth"] / seconds["plain"],
+        "epoch_seconds_depth_probe": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
 def custom_bn_figures(quick: bool) -> dict[str, float]:
     import bench_custom_bn  # beside this file: scripts/ is on sys.path when run as a script
 
@@ -377,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "cnn": norm_step_times("cnn", n // 16 if args.quick else n // 8, 3, Path(tmp)),
         }
         figures.update(vgg_figures(args.quick, Path(tmp)))
+        figures.update(resnet_figures(args.quick, Path(tmp)))
+        figures.update(depth_probe_figures(args.quick, Path(tmp)))
     figures.update(custom_bn_figures(args.quick))
     from bench_ics import logging_overhead  # beside this file, like bench_custom_bn
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, cli_error, run_cli
+from conftest import ROOT, choices, cli_error, run_cli
 
 from normlab.train import train
 

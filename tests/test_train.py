@@ -9,8 +9,11 @@ from normlab.train import train
 
 # Every activation x init with and without BN; every other norm once per backbone
 # (tests/test_norms.py covers each norm against its reference).
+LINEAR = ["identity"]  # a deep linear net (rank collapse): once per backbone, not per init
 GRID = [
-    *itertools.product(["mlp", "cnn"], ["none", "bn"], choices("activation"), choices("init")),
+    *itertools.product(["mlp", "cnn"], ["none", "bn"],
+                       [a for a in choices("activation") if a not in LINEAR], choices("init")),
+    *itertools.product(["mlp", "cnn"], ["bn"], LINEAR, ["default"]),
     *itertools.product(["mlp", "cnn"], [n for n in choices("norm") if n not in ("none", "bn")],
                        ["relu"], ["default"]),
 ]

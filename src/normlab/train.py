@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.callbacks.summary import merge_summaries
+from normlab.callbacks.summary import merge_depth, merge_summaries
 from normlab.config import CONFIG_DIR, ConfigError, one_line
 from normlab.config.resolvers import register_resolvers
 from normlab.config.validate import validate
@@ -26,6 +26,7 @@ from normlab.run import process, resume
 from normlab.run.signals import RunInterrupted, interruption_recorded, keeps_interruption
 
 log = logging.getLogger("normlab")
+SUMMARIES = ("ics", "depth")  # per-layer numbers: in metrics.json, not in the log
 # Module level: before Hydra composes, and in joblib's workers, which import this module too.
 process.quiet_hydra_launcher_warning()
 register_resolvers()
@@ -115,6 +116,7 @@ def _fit_and_test(cfg: DictConfig, clock: dict[str, float]) -> dict[str, Any]:
     if "diverged_at_step" in metrics:  # the module stopped on a non-finite loss
         summary["diverged_at_step"] = int(metrics["diverged_at_step"])
     summary["ics"] = merge_summaries(callbacks)
+    summary["depth"] = merge_depth(callbacks)
     summary["hparams"] = dashboard.hparams_of(cfg)
     dashboard.log_hparams(trainer, cfg)
     return summary
@@ -153,7 +155,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             return float("nan")  # a failed trial for sweepers that optimise the return value
         print(f"normlab: error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)  # 2: bad config or data
-    log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k != "ics"}))
+    log.info("%s", OmegaConf.to_yaml({k: v for k, v in result.items() if k not in SUMMARIES}))
     return result.get("val/acc")
 
 

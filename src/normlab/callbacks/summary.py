@@ -47,3 +47,13 @@ def merge_summaries(callbacks: list[Any]) -> dict[str, dict[str, float]]:
         for layer, numbers in getattr(callback, "ics_summary", dict)().items():
             ics.setdefault(layer, {}).update(numbers)
     return ics
+
+
+def merge_depth(callbacks: list[Any]) -> dict[str, dict[str, float]]:
+    """Per-layer numbers of every callback that has a `depth_summary()` (the depth probe's
+    gradient profile and rank at step 0 and at the end), for `metrics.json` under `"depth"`."""
+    depth: dict[str, dict[str, float]] = {}
+    for callback in callbacks:
+        for layer, numbers in getattr(callback, "depth_summary", dict)().items():
+            depth.setdefault(layer, {}).update(numbers)
+    return depth

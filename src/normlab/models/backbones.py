@@ -73,6 +73,25 @@ def require_images(model: str, input_shape: Sequence[int]) -> None:
         )
 
 
+def equal_hidden_sizes(
+    hidden_sizes: Sequence[int], depth: int | None, width: int | None
+) -> list[int]:
+    """`hidden_sizes`, or `depth` hidden layers of `width` units when either is given."""
+    if len(hidden_sizes) == 0 and (depth is None or width is None):
+        raise ValueError(
+            "model.hidden_sizes is empty; give at least one hidden size, e.g. [32, 32]"
+        )
+    if depth is None and width is None:
+        return list(hidden_sizes)
+    depth = len(hidden_sizes) if depth is None else depth
+    width = hidden_sizes[0] if width is None else width
+    if depth < 1:
+        raise ValueError(f"model.depth={depth}: an MLP needs at least one hidden layer")
+    if width < 1:
+        raise ValueError(f"model.width={width}: a hidden layer needs at least one unit")
+    return [width] * depth
+
+
 class Block(nn.Sequential):
     """linear|conv -> norm -> activation -> dropout [-> pool]; the unit ICS is measured on.
 
@@ -136,7 +155,9 @@ class Backbone(nn.Module):
 class MLP(Backbone):
     """Flatten -> [Linear -> norm -> activation -> dropout] x len(hidden_sizes) -> Linear.
 
-    (norm and activation swap places with ``norm_position="post"``.)
+    (norm and activation swap places with ``norm_position="post"``.) ``depth`` and ``width``, when
+    given, make ``depth`` equal hidden layers of ``width`` units (either alone keeps the other from
+    `hidden_sizes`: its length, its first size).
     """
 
     def __init__(
@@ -149,12 +170,11 @@ class MLP(Backbone):
         init: Init | None = None,
         dropout: float = 0.0,
         norm_position: str = "pre",
+        depth: int | None = None,
+        width: int | None = None,
     ) -> None:
         super().__init__()
-        if len(hidden_sizes) == 0:
-            raise ValueError(
-                "model.hidden_sizes is empty; give at least one hidden size, e.g. [32, 32]"
-            )
+        hidden_sizes = equal_hidden_sizes(hidden_sizes, depth, width)
         sizes = [math.prod(input_shape), *hidden_sizes]
         self.flatten = nn.Flatten()
         self.blocks = nn.Sequential(

@@ -124,6 +124,9 @@ def write_sweep_figures(sweep_dir: Path) -> Path:
         "comparison/ics_bands": report.plot_ics(jobs, scalars),
         "comparison/accuracy": report.plot_curves(jobs, scalars),
     }
+    from normlab.results.depth import sweep_figures  # gradient profile and rank (depth probe)
+
+    figures.update(sweep_figures(sweep_dir))
     run_dir = sweep_dir / SWEEP_RUN
     with SummaryWriter(str(run_dir)) as writer:
         writer.file_writer.add_summary(_sweep_experiment(collect_jobs(sweep_dir)))
