@@ -14,7 +14,8 @@ from normlab.train import train
 BAD_INPUTS = [
     ("norm=foo", f"norm='foo' is not valid; choose one of: {', '.join(choices('norm'))}"),
     ("data=foo", "data='foo' is not valid; choose one of: cifar10, digits, fashion_mnist, mnist"),
-    ("activation=foo", "activation='foo' is not valid; choose one of: elu, gelu, leaky_relu, relu"),
+    ("activation=foo",
+     f"activation='foo' is not valid; choose one of: {', '.join(choices('activation'))}"),
     ("init=foo", "init='foo' is not valid; choose one of: default, he_normal"),
     ("dropout=1.5", "dropout=1.5 is out of range: it must be in [0, 1)"),
     ("dropout=-0.1", "dropout=-0.1 is out of range: it must be in [0, 1)"),
