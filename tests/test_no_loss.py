@@ -238,7 +238,8 @@ def test_mnist_with_fewer_labels_than_images_is_one_line(tmp_path):
 # ------------------------------------------------------------------ 5. own config folder
 
 
-@pytest.mark.parametrize("how", [pytest.param("searchpath", marks=pytest.mark.slow), "config-dir"])
+@pytest.mark.slow  # two CLI runs (subprocesses)
+@pytest.mark.parametrize("how", ["searchpath", "config-dir"])
 def test_experiment_in_ones_own_folder(tmp_path, how):
     folder = tmp_path / "myconf"
     (folder / "experiment").mkdir(parents=True)
