@@ -56,8 +56,17 @@ def test_tensorboard_shows_a_sweep_at_a_glance(tmp_path):
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert metrics == {"val/acc", "test/acc"}
         images = get_json(f"{base}/plugin/images/tags")
-        assert set(images["tensorboard/_sweep"]) == {"comparison/ics_bands", "comparison/accuracy"}
+        assert set(images["tensorboard/_sweep"]) == {
+        "comparison/ics_bands",
+        "comparison/accuracy",
+        "comparison/gradient_profile",
+        "comparison/rank",
+    }
         layout = get_json(f"{base}/plugin/custom_scalars/layout")
         charts = [c["title"] for cat in layout["category"] for c in cat["chart"]]
-        assert charts == ["layer1", "layer2", "grads"]  # forward order; no empty grad-shift section
+        # layers in forward order first; no empty grad-shift section; the depth probe's charts
+        assert charts[:2] == ["layer1", "layer2"]
+        assert sorted(charts[2:]) == sorted(["grads", "gradient norm", "relative gradient norm",
+                                             "block output std", "stable rank",
+                                             "mean cosine between samples"])
 

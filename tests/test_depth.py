@@ -328,3 +328,13 @@ def test_batchnorm_folds_into_a_resnet_without_changing_its_function(preact, sho
     assert torch.allclose(folded(x), model(x), atol=1e-5)
     remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(remaining) < len(model.norm_layers()) * 2  # most of them folded
+
+
+def test_stable_rank_of_a_diverged_batch_is_nan_not_an_error():
+    import math
+
+    from normlab.callbacks.depth import stable_rank
+
+    h = torch.ones(8, 5)
+    h[0, 0] = float("inf")
+    assert math.isnan(stable_rank(h))

@@ -56,6 +56,8 @@ def stable_rank(h: torch.Tensor) -> float:
     rank for one with equal singular values); 0 for a zero matrix."""
     h = h.detach().reshape(h.shape[0], -1).double()
     gram = h @ h.T if h.shape[0] <= h.shape[1] else h.T @ h
+    if not torch.isfinite(gram).all():  # a diverged run: no spectrum to speak of
+        return float("nan")
     eigenvalues = torch.linalg.eigvalsh(gram)  # squared singular values, ascending
     top = eigenvalues[-1].item()
     return gram.trace().item() / top if top > 0 else 0.0
