@@ -64,7 +64,7 @@ def _composed(group: str, choice: str) -> DictConfig:
 
 def part(group: str, choice: str, **options):
     """The component `group=choice` as train() builds it -- a norm factory, an activation factory,
-    an init function (None for init=default) -- with `options` overriding its keys."""
+    an init function -- with `options` overriding its keys."""
     cfg = copy.deepcopy(_composed(group, choice))
     with open_dict(cfg):
         for key, value in options.items():

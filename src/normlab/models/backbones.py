@@ -52,9 +52,20 @@ def make_activation(activation: Activation) -> nn.Module:
     return copy.deepcopy(activation) if isinstance(activation, nn.Module) else activation()
 
 
+def torch_default(weight: torch.Tensor) -> torch.Tensor:
+    """`init=default`: torch's own Linear/Conv initialisation, bias included: nothing re-drawn."""
+    return weight
+
+
+def keeps_torch_init(init: Init | None) -> bool:
+    """Whether `init` (a function, or a factory wrapping one) leaves torch's initialisation."""
+    return init is None or getattr(init, "target", init) is torch_default
+
+
 def init_weights(module: nn.Module, init: Init | None) -> None:
-    """Apply `init` to each Linear/Conv weight of `module`, zero its bias; None keeps torch's."""
-    if init is None:
+    """Apply `init` to each Linear/Conv weight of `module`, zero its bias; `torch_default` (or
+    None) keeps torch's."""
+    if keeps_torch_init(init):
         return
     with torch.no_grad():
         for layer in module.modules():

@@ -42,6 +42,7 @@ from normlab.models.backbones import (
     Init,
     NormFactory,
     init_weights,
+    keeps_torch_init,
     make_activation,
     make_norm,
     require_images,
@@ -207,7 +208,7 @@ class ResNet(Backbone):
         )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c_in, num_classes)
-        if init is None:  # He et al.: Kaiming normal (fan_out) convs, as torchvision's ResNets
+        if keeps_torch_init(init):  # He et al.: Kaiming normal (fan_out), as torchvision's ResNets
             for module in self.modules():
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
