@@ -21,6 +21,9 @@ def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn
     """`preflight` the arguments, run `hydra_main`, and exit with the code of how it ended."""
     os.environ[signals.LAUNCHER_PID] = str(os.getpid())
     signals.install()
+    from hydra_plugins.normlab_local.local_launcher import start_workers_early
+
+    start_workers_early(argv)  # a sweep's workers import torch and Lightning during the checks
     try:
         _checked_then_run(hydra_main, argv)
     except signals.RunInterrupted as stop:

@@ -47,6 +47,7 @@ class _State:
     checkpoint: Path | None = None  # saved by StopOnSignal
     step: int | None = None
     sweep: tuple[Path, str] | None = None  # (sweep dir, launcher _target_) in the launcher process
+    in_process: bool | None = None  # said by a launcher that decides per sweep (normlab's local)
 
 
 class RunInterrupted(BaseException):
@@ -175,7 +176,9 @@ def _spawned_workers() -> list[Any]:
 
     if multiprocessing.parent_process() is not None:  # a worker itself
         return []
-    return [p for p in multiprocessing.active_children() if p.pid and "loky" not in p.name.lower()]
+    sweep_workers = ("loky", "forkserver")  # joblib's and the local launcher's: they watch MARKER
+    return [p for p in multiprocessing.active_children()
+            if p.pid and not any(name in p.name.lower() for name in sweep_workers)]
 
 
 def watch_steps(active: bool) -> None:
@@ -255,7 +258,16 @@ def _jobs_run_elsewhere() -> bool:
     """In the process that launched a sweep whose jobs run in worker processes: wait for them
     to save and stop, then write the summary."""
     sweep = sweep_info()
-    return sweep is not None and is_launcher_process() and "BasicLauncher" not in sweep[1]
+    if sweep is None or not is_launcher_process():
+        return False
+    if _State.in_process is not None:
+        return not _State.in_process
+    return "BasicLauncher" not in sweep[1]
+
+
+def jobs_run_in_this_process(in_process: bool) -> None:
+    """Said by a launcher before it runs a sweep's jobs: here, or in worker processes."""
+    _State.in_process = in_process
 
 
 def as_interruption(error: BaseException) -> RunInterrupted | None:

@@ -1,0 +1,178 @@
+"""The local launcher (hydra/launcher=local, the default for `-m`): a sweep's jobs on every core
+of this machine, each job exactly as it would run alone.
+
+Workers are forked from one server process (multiprocessing's forkserver) that has imported what
+a job needs (torch, Lightning, normlab) and has computed nothing: the imports are paid once per
+sweep, and a fork never inherits a busy OpenMP thread pool (a child forked after torch ran a
+parallel region hangs). The server starts as early as possible (`start_workers_early`), so its
+imports overlap the command line's checks.
+
+Each job keeps the torch threads it would have alone (torch's default, or `torch_threads`): the
+same number of threads gives the same reductions, so a job's numbers do not depend on the sweep
+around it. The workers' OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, unless set), so
+two workers' threads sharing the cores do not spin against each other.
+
+One worker per core (per `trainer.devices` cores for DDP on CPU); a sweep whose trainer is not on
+the CPU runs its jobs one after another in this process (they would share one device), as does a
+sweep of one job. `hydra.launcher.workers=N` says how many at once.
+
+Signals (normlab.run.signals): the launcher's process marks the sweep and passes the signal on;
+each running job saves its checkpoint and stops, jobs not started are not started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger("normlab")
+
+# What a job imports, loaded once in the forkserver so every forked worker starts warm.
+JOB_IMPORTS = ["normlab.train", "lightning.pytorch", "normlab.models.module"]
+
+
+class LocalLauncher(BasicLauncher):
+    """Hydra's BasicLauncher on every core: jobs in forked worker processes, results in order."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        super().__init__()
+        if workers is not None and (isinstance(workers, bool) or workers < 1):
+            raise ValueError(f"hydra.launcher.workers={workers!r} must be >= 1 (or null: one per core)")
+        self.workers = workers
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        from normlab.run import signals
+
+        workers = min(len(job_overrides), self.workers or workers_for(self.config))
+        signals.jobs_run_in_this_process(workers <= 1)
+        if workers <= 1:
+            return super().launch(job_overrides, initial_job_idx)
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info(f"Launching {len(job_overrides)} jobs locally, {workers} at a time")
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        return self._in_workers(job_overrides, initial_job_idx, workers)
+
+    def _in_workers(
+        self, job_overrides: Sequence[Sequence[str]], first: int, workers: int
+    ) -> list[JobReturn]:
+        import cloudpickle
+
+        from normlab.run import signals
+
+        context = cloudpickle.dumps((self.hydra_context, self.task_function, self.config,
+                                     Singleton.get_state()))
+        done: dict[int, JobReturn] = {}
+        with ProcessPoolExecutor(workers, mp_context=forkserver(), initializer=_adopt,
+                                 initargs=(context,)) as pool:
+            pending: dict[Future, int] = {
+                pool.submit(_run_one, idx, list(overrides)): idx
+                for idx, overrides in enumerate(job_overrides, start=first)
+            }
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        done[pending.pop(future)] = future.result()
+                    if signals.received() is not None:
+                        break  # the running jobs save and stop; the rest never start
+            except BrokenProcessPool as error:  # a worker died: its job has no metrics.json
+                if signals.received() is None:
+                    log.error("normlab: a sweep worker died (%s); the sweep stops", error)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return [done[idx] for idx in sorted(done)]
+
+
+def workers_for(config: DictConfig) -> int:
+    """One worker per core this process may use (per `trainer.devices` cores for DDP on CPU);
+    one in all when the trainer is not on the CPU."""
+    from normlab.run.process import processes_per_job
+
+    if config.trainer.get("accelerator") != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // processes_per_job(config))
+
+
+def forkserver() -> Any:
+    """The forkserver context, its server started with JOB_IMPORTS loaded."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(JOB_IMPORTS)
+    passive = "OMP_WAIT_POLICY" not in os.environ
+    if passive:  # read by OpenMP when the server loads it: its forked workers inherit it
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from multiprocessing import forkserver as server
+
+        server.ensure_running()
+    finally:
+        if passive:
+            del os.environ["OMP_WAIT_POLICY"]
+    return context
+
+
+def start_workers_early(argv: Sequence[str]) -> None:
+    """Start the forkserver now, when `argv` is a sweep for this launcher: its imports then run
+    beside the command line's checks instead of after them."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    other_launcher = any(a.startswith("hydra/launcher=") and a != "hydra/launcher=local"
+                         for a in argv)
+    if multirun and not other_launcher:
+        forkserver()
+
+
+_job: dict[str, Any] = {}  # in a worker: what every job of the sweep shares
+
+
+def _adopt(context: bytes) -> None:
+    import cloudpickle
+
+    hydra_context, task_function, config, singletons = cloudpickle.loads(context)
+    Singleton.set_state(singletons)
+    _job.update(hydra_context=hydra_context, task_function=task_function, config=config)
+
+
+def _run_one(idx: int, overrides: list[str]) -> JobReturn:
+    """One job in a worker, as Hydra's BasicLauncher runs it in its own process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    setup_globals()
+    hydra_context = _job["hydra_context"]
+    config = hydra_context.config_loader.load_sweep_config(_job["config"], overrides)
+    with open_dict(config):
+        config.hydra.job.id = idx
+        config.hydra.job.num = idx
+    HydraConfig.instance().set_config(config)
+    ran = run_job(hydra_context=hydra_context, task_function=_job["task_function"],
+                  config=config, job_dir_key="hydra.sweep.dir",
+                  job_subdir_key="hydra.sweep.subdir")
+    return _portable(ran)
+
+
+def _portable(ran: JobReturn) -> JobReturn:
+    """The job's return for the launcher's process: its value or error, status, dir. Its configs
+    stay behind (they are in the job dir's .hydra/; their schema classes are this worker's)."""
+    from hydra.core.utils import JobStatus
+
+    ran.cfg = ran.hydra_cfg = None
+    if ran.status == JobStatus.FAILED and isinstance(ran._return_value, BaseException):
+        error = ran._return_value
+        ran._return_value = RuntimeError(f"{type(error).__name__}: {error}")
+    return ran
