@@ -126,23 +126,23 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
-def test_signal_stops_a_sweep_with_its_summary(tmp_path, launcher):
-    """SIGTERM to the process alone (a scheduler) under the in-process launcher, SIGINT to the
-    process group (Ctrl-C) under joblib, workers included: each running job saves and stops,
-    jobs not started are skipped, summary.md lists them, the exit code names the signal."""
+@pytest.mark.parametrize(("launcher", "group"), [("basic", False), ("joblib", True),
+                                                 ("local", False), ("local", True)])
+def test_signal_stops_a_sweep_with_its_summary(tmp_path, launcher, group):
+    """SIGTERM to the launching process alone (a scheduler), or SIGINT to the process group
+    (Ctrl-C), workers included: each running job saves and stops, jobs not started are skipped,
+    summary.md lists them, the exit code names the signal."""
     sweep = tmp_path / "sweep"
-    extra = ["hydra/launcher=joblib"] if launcher == "joblib" else []
-    proc = popen("-m", *extra, "norm=none,bn,custom_bn", "trainer.max_epochs=500",
-                 f"hydra.sweep.dir={sweep}", *QUIET)  # fmt: skip
+    proc = popen("-m", f"hydra/launcher={launcher}", "norm=none,bn,custom_bn",
+                 "trainer.max_epochs=500", f"hydra.sweep.dir={sweep}", *QUIET)
     wait_for(sweep / "*" / "checkpoints" / "last.ckpt", proc)
     time.sleep(1.0)
-    if launcher == "basic":
-        proc.send_signal(signal.SIGTERM)
-    else:
+    if group:
         os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
-    expected = ("SIGTERM", 143) if launcher == "basic" else ("SIGINT", 130)
+    expected = ("SIGINT", 130) if group else ("SIGTERM", 143)
     assert proc.returncode == expected[1], err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     summary = (sweep / "summary.md").read_text()

@@ -45,9 +45,11 @@ class LocalLauncher(BasicLauncher):
     """Hydra's BasicLauncher on every core: jobs in forked worker processes, results in order."""
 
     def __init__(self, workers: int | None = None) -> None:
+        from normlab.config.errors import ConfigError
+
         super().__init__()
         if workers is not None and (isinstance(workers, bool) or workers < 1):
-            raise ValueError(f"hydra.launcher.workers={workers!r} must be >= 1 (or null: one per core)")
+            raise ConfigError(f"hydra.launcher.workers={workers!r} must be >= 1 (or null: one per core)")
         self.workers = workers
 
     def launch(
@@ -79,7 +81,7 @@ class LocalLauncher(BasicLauncher):
                                      Singleton.get_state()))
         done: dict[int, JobReturn] = {}
         with ProcessPoolExecutor(workers, mp_context=forkserver(), initializer=_adopt,
-                                 initargs=(context,)) as pool:
+                                 initargs=(context, os.getpid())) as pool:
             pending: dict[Future, int] = {
                 pool.submit(_run_one, idx, list(overrides)): idx
                 for idx, overrides in enumerate(job_overrides, start=first)
@@ -141,12 +143,34 @@ def start_workers_early(argv: Sequence[str]) -> None:
 _job: dict[str, Any] = {}  # in a worker: what every job of the sweep shares
 
 
-def _adopt(context: bytes) -> None:
+def _adopt(context: bytes, launcher: int) -> None:
     import cloudpickle
 
+    _die_with(launcher)
     hydra_context, task_function, config, singletons = cloudpickle.loads(context)
     Singleton.set_state(singletons)
     _job.update(hydra_context=hydra_context, task_function=task_function, config=config)
+
+
+def _die_with(launcher: int) -> None:
+    """End this worker as soon as the launching process ends: a sweep killed with SIGKILL leaves
+    no job training on (the same command again continues the sweep)."""
+    import select
+    import signal
+    import threading
+
+    try:
+        handle = os.pidfd_open(launcher)
+    except ProcessLookupError:
+        os._exit(1)
+    except (OSError, AttributeError):  # not Linux >= 5.3: the sweep's jobs may outlive it
+        return
+
+    def watch() -> None:
+        select.select([handle], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="normlab-launcher-watch", daemon=True).start()
 
 
 def _run_one(idx: int, overrides: list[str]) -> JobReturn:

@@ -48,6 +48,8 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
             cfg = _compose(hydra, config_name, overrides, args.multirun)
             check_known_keys(hydra, config_name, cfg, overrides)
             check_output_dir(cfg, "sweep" if args.multirun else "run")
+            if args.multirun:
+                check_launcher(cfg)
             _as_a_job(cfg)  # ${hydra:job.num}, ${hydra:sweep.dir} resolve as in job 0
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     finally:
@@ -55,6 +57,21 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
 
         GlobalHydra.instance().clear()  # hydra.main sets up its own
         HydraConfig.instance().cfg = None  # the job context of _as_a_job ends with the checks
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """Build the sweep's launcher from its settings as Hydra will: a bad setting is one line now,
+    not a traceback once the sweep starts."""
+    import importlib
+
+    from normlab.config.errors import one_line
+
+    settings = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    module, _, name = str(settings.pop("_target_")).rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)(**settings)
+    except Exception as error:
+        raise ConfigError(one_line(error)) from error
 
 
 def _as_a_job(cfg: Any) -> None:

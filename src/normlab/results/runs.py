@@ -144,10 +144,20 @@ def running_attempt(job_dir: Path) -> float | None:
     if info.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(info["pid"]), 0)
+        pid = int(info["pid"])
+        os.kill(pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return started
+    return None if _ended(pid) else started
+
+
+def _ended(pid: int) -> bool:
+    """A process that has ended but was not reaped yet (a zombie) still answers kill(pid, 0)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
 
 
 def read_overrides(job_dir: Path) -> list[str]:

@@ -26,11 +26,15 @@ def quiet_hydra_launcher_warning() -> None:
 def quiet_lightning() -> None:
     """One line per message: `lightning` adds its own console handler at import, and Hydra's
     root handler prints the same records again; keep Hydra's (it also writes the job log)."""
-    lightning_logger = logging.getLogger("lightning")
     if logging.getLogger().handlers:
-        for handler in list(lightning_logger.handlers):
-            if type(handler) is logging.StreamHandler:
-                lightning_logger.removeHandler(handler)
+        # imported before the root had a handler (in a sweep worker's forkserver), lightning
+        # also stopped its records from reaching the root's: the job's train.log would miss them
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lightning_logger = logging.getLogger(name)
+            for handler in list(lightning_logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    lightning_logger.removeHandler(handler)
+            lightning_logger.propagate = True
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\..*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # log_every_n_steps counts optimizer steps here (train/lr); Lightning compares it with the
