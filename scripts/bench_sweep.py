@@ -5,9 +5,10 @@
   trainings as the for-loop of `scripts/hand_sweep.py` in one fresh process (same split, model,
   Adam 0.01, batch 32, 10 epochs, validation every epoch, a test, percentile probes at normlab's
   default ICS cadence). The two alternate, so both meet the same load; each figure is the fastest.
-- `job_overhead_seconds`: a job's wall time inside the sweep (from one job's metrics.json to the
-  next's: Hydra's per-job work, set-up, fit, test, records) minus the optimizer-step time of the
-  same training in the hand loop (forward, backward, update), median over the jobs after the first.
+- `job_overhead_seconds`: a job's wall time inside the sweep (from the previous metrics.json of
+  the same worker process to its own: Hydra's per-job work, set-up, fit, test, records) minus the
+  optimizer-step time of the same training in the hand loop (forward, backward, update), median
+  over the jobs after each worker's first.
 - `default_sweep_seconds`: wall time of a cold `python train.py -m norm=none,bn`.
 
     python scripts/bench_sweep.py [--quick]
@@ -57,14 +58,21 @@ def cli_sweep(out: Path, overrides: list[str]) -> float:
 
 
 def job_overheads(sweep_dir: Path, hand_dir: Path) -> list[float]:
-    """Per job after the first: its wall time in the sweep - the hand loop's step time."""
-    jobs = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    """Per job after a worker's first: its wall time in its worker (from that worker's previous
+    metrics.json to its own: compose, set-up, fit, test, records) - the hand loop's step time.
+    A job's worker is the pid in its `.running` marker (one process when jobs run in-process)."""
+    by_worker: dict[int, list[Path]] = {}
+    for metrics in sweep_dir.glob("*/metrics.json"):
+        pid = json.loads((metrics.parent / ".running").read_text())["pid"]
+        by_worker.setdefault(pid, []).append(metrics)
     overheads = []
-    for before, metrics in zip(jobs, jobs[1:], strict=False):
-        wall = metrics.stat().st_mtime - before.stat().st_mtime
-        choice = dict(o.split("=", 1) for o in json.loads(metrics.read_text())["overrides"])
-        name = f"{choice['norm']}-{choice['activation']}-{choice['seed']}.json"
-        overheads.append(wall - json.loads((hand_dir / name).read_text())["step_seconds"])
+    for jobs in by_worker.values():
+        jobs.sort(key=lambda p: p.stat().st_mtime)
+        for before, metrics in zip(jobs, jobs[1:], strict=False):
+            wall = metrics.stat().st_mtime - before.stat().st_mtime
+            choice = dict(o.split("=", 1) for o in json.loads(metrics.read_text())["overrides"])
+            name = f"{choice['norm']}-{choice['activation']}-{choice['seed']}.json"
+            overheads.append(wall - json.loads((hand_dir / name).read_text())["step_seconds"])
     return overheads
 
 

@@ -90,7 +90,7 @@ def draw(cells: Cells, out: Path, split: str = "val") -> list[Path]:
     ax.set_xscale("log", base=2)
     all_sizes = sorted({b for per in cells.values() for b in per})
     ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
-    ax.set_xlabel("batch size per device (lr = 0.1 x B / 32)")
+    ax.set_xlabel("batch size per device (lr scaled linearly with it)")
     ax.set_ylabel(f"{'validation' if split == 'val' else 'test'} error (%)")
     n_seeds = max(len(c.get(split, [])) for per in cells.values() for c in per.values())
     ax.set_title(f"Error vs batch size, VGG-small on digits (mean ± std, up to {n_seeds} seeds)")

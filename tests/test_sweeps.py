@@ -36,7 +36,7 @@ def jobs_by_override(sweep_dir: Path, key: str) -> dict[str, dict]:
 
 
 @pytest.mark.slow  # two real sweeps of 3 jobs each
-@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["basic", "joblib"])
+@pytest.mark.parametrize("launcher", [[], JOBLIB], ids=["local", "joblib"])
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path, launcher):
     empty = tmp_path / "empty"
     empty.mkdir()
