@@ -404,7 +404,7 @@ def test_groupnorm_batch_size_scales_lr_linearly_and_pairs_norm_and_weights(
     register_resolvers()  # as importing normlab.train does
     cfg = compose_cfg(tmp_path, "experiment=groupnorm_batch_size", "data.batch_size=2",
                       f"norm_and_weights={pair}")
-    assert cfg.lr == pytest.approx(0.1 * 2 / 32) and cfg.optimizer.momentum == 0.9
+    assert cfg.lr == pytest.approx(0.01 * 2 / 32) and cfg.optimizer.momentum == 0.9
     assert cfg.norm._target_.endswith(norm) and cfg.weights._target_.endswith(weights)
     validate(cfg)
 
