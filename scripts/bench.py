@@ -162,6 +162,7 @@ class NormlabEpochs:
         from normlab.config import CONFIG_DIR
         from normlab.data.datamodule import NormLabDataModule
         from normlab.data.registry import Splits
+        from normlab.models.from_config import check_components
         from normlab.train import build_module, build_trainer
 
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -180,6 +181,7 @@ class NormlabEpochs:
                     *overrides,
                 ],
             )
+        check_components(cfg, BATCH, BATCH)  # a norm that refuses this model: ConfigError
         torch.manual_seed(0)
         self.datamodule = instantiate(cfg.data)
         assert isinstance(self.datamodule, NormLabDataModule)
@@ -269,7 +271,7 @@ def training_figures(kind: str, n: int, rounds: int, out: Path) -> dict[str, flo
 
 def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, float]:
     """Per norm choice: normlab's epoch time with that norm / with norm=none (same data)."""
-    from normlab.config import CONFIG_DIR
+    from normlab.config import CONFIG_DIR, ConfigError
     from normlab.config.validate import group_choices
 
     images, labels = mnist_shaped(n)
@@ -280,7 +282,10 @@ def norm_step_times(kind: str, n: int, rounds: int, out: Path) -> dict[str, floa
         for norm in group_choices(CONFIG_DIR, "norm"):
             # Nine paused trainers at once: their progress bars would fight over the terminal.
             quiet = ("~callbacks.progress_bar", "trainer.enable_progress_bar=false")
-            runs[norm] = NormlabEpochs(kind, x, y, out / f"{kind}-{norm}", *quiet, norm=norm)
+            try:
+                runs[norm] = NormlabEpochs(kind, x, y, out / f"{kind}-{norm}", *quiet, norm=norm)
+            except ConfigError:  # e.g. Instance Norm on the MLP: it refuses, nothing to time
+                continue
         seconds = race({norm: run.epoch for norm, run in runs.items()}, rounds)
     finally:
         for run in runs.values():
