@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_config, run_cli
+
 from hydra_plugins.normlab_local.local_launcher import LocalLauncher, workers_for
 
 NUMBERS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "steps", "epochs")

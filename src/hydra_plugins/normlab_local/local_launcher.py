@@ -49,7 +49,8 @@ class LocalLauncher(BasicLauncher):
 
         super().__init__()
         if workers is not None and (isinstance(workers, bool) or workers < 1):
-            raise ConfigError(f"hydra.launcher.workers={workers!r} must be >= 1 (or null: one per core)")
+            raise ConfigError(
+                f"hydra.launcher.workers={workers!r} must be >= 1 (or null: one per core)")
         self.workers = workers
 
     def launch(
