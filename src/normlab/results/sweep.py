@@ -7,6 +7,7 @@ failed. A sweep in which any job failed exits non-zero after the summary.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,25 @@ def status_line(rows: list[dict[str, Any]]) -> str:
     parts = [f"{counts[s]} {s}" for s in STATUSES if counts[s]]
     parts += [f"{n} {s}" for s, n in counts.items() if s not in STATUSES]
     return f"{len(rows)} jobs: {', '.join(parts)}"
+
+
+# What the comparison figures at the sweep's end import (pandas, matplotlib, TensorBoard's writer).
+FIGURE_IMPORTS = ("normlab.results.dashboard", "normlab.results.report", "normlab.results.depth",
+                  "matplotlib.backends.backend_agg", "torch.utils.tensorboard")
+
+
+def _import_in_background(modules: tuple[str, ...]) -> None:
+    """Import `modules` in a thread while the jobs run (the launching process mostly waits on
+    them), so the figures at the end do not start with a second of imports."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        for module in modules:
+            with contextlib.suppress(Exception):  # the figures report their own problems
+                importlib.import_module(module)
+
+    threading.Thread(target=load, name="normlab-figure-imports", daemon=True).start()
 
 
 def _write_figures(sweep_dir: Path) -> None:
@@ -158,6 +178,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         claim_sweep_dir(Path(config.hydra.sweep.dir), config)
+        _import_in_background(FIGURE_IMPORTS)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
