@@ -22,45 +22,36 @@ recomputes every running estimate). ``groups`` larger than the channels is clamp
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from normlab.nn.running_stats import RunningStatsNorm
 from normlab.nn.torch_norms import group_count
 
 __all__ = ["IterNorm"]
 
 
-class IterNorm(nn.Module):
+class IterNorm(RunningStatsNorm):
     """Group whitening by Newton iterations; (N, C) and (N, C, H, W) inputs."""
 
-    batch_dependent = True
     foldable = False
 
     def __init__(
         self, num_features: int, groups: int = 2, iterations: int = 5, eps: float = 1e-5,
         momentum: float | None = 0.1, affine: bool = True,
     ) -> None:
-        super().__init__()
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(
                 f"iterations={iterations!r} is out of range: it must be an integer >= 1"
             )
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum={momentum} is out of range: it must be in [0, 1] or null")
-        self.num_features, self.groups = num_features, group_count(groups, num_features)
-        self.iterations, self.eps, self.momentum = iterations, eps, momentum
+        super().__init__(num_features, momentum, affine)
+        self.groups = group_count(groups, num_features)
+        self.iterations, self.eps = iterations, eps
         d = num_features // self.groups
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("running_wm", torch.eye(d).repeat(self.groups, 1, 1))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
+        super().reset_running_stats()
         self.running_wm.copy_(torch.eye(self.running_wm.shape[-1]).expand_as(self.running_wm))
-        self.num_batches_tracked.zero_()
 
     def whitening(self, xc: Tensor) -> Tensor:
         """W (groups, d, d) for centred activations ``xc`` (groups, d, m)."""
@@ -84,9 +75,7 @@ class IterNorm(nn.Module):
             xc = grouped - mean
             wm = self.whitening(xc)
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
-                    else self.momentum
+                factor = self.count_batch()
                 m = xc.shape[-1]
                 var = xc.square().sum(-1) / max(m - 1, 1)
                 self.running_mean.lerp_(mean.detach().view(c), factor)
@@ -95,11 +84,8 @@ class IterNorm(nn.Module):
         else:
             xc = grouped - self.running_mean.view(g, d, 1)
             wm = self.running_wm
-        y = torch.bmm(wm, xc).reshape(g, d, n, -1).permute(2, 0, 1, 3).reshape(x.shape)
-        if self.weight is None:
-            return y
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return self.affine(
+            torch.bmm(wm, xc).reshape(g, d, n, -1).permute(2, 0, 1, 3).reshape(x.shape))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, groups={self.groups}, iterations={self.iterations}, "

@@ -13,50 +13,30 @@ treat it as the BN-shaped affine map it is in evaluation: ``running_var`` stays 
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from normlab.nn.running_stats import RunningStatsNorm
 
 __all__ = ["MeanOnlyBatchNorm"]
 
 
-class MeanOnlyBatchNorm(nn.Module):
-    """Centering by the batch mean (running mean in evaluation), then gamma/beta."""
-
-    batch_dependent = True
+class MeanOnlyBatchNorm(RunningStatsNorm):
+    """Centering by the batch mean (running mean in evaluation), then gamma/beta.
+    ``running_var`` stays 1: no scaling."""
 
     def __init__(
         self, num_features: int, momentum: float | None = 0.1, affine: bool = True
     ) -> None:
-        super().__init__()
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum={momentum} is out of range: it must be in [0, 1] or null")
-        self.num_features, self.momentum, self.eps = num_features, momentum, 0.0
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))  # fixed: no scaling
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
+        super().__init__(num_features, momentum, affine)
+        self.eps = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training:
             mean = x.mean(dim=(0, *range(2, x.dim())))
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
-                    else self.momentum
-                self.running_mean.lerp_(mean.detach(), factor)
+            self.running_mean.lerp_(mean.detach(), self.count_batch())
         else:
             mean = self.running_mean
-        y = x - mean.view(shape)
-        if self.weight is None:
-            return y
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return self.affine(x - mean.view((1, -1) + (1,) * (x.dim() - 2)))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, momentum={self.momentum}, affine={self.weight is not None}"

@@ -23,37 +23,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from normlab.nn.running_stats import RunningStatsNorm
+
 __all__ = ["SwitchableNorm"]
 
 KINDS = ("in", "ln", "bn")
 
 
-class SwitchableNorm(nn.Module):
+class SwitchableNorm(RunningStatsNorm):
     """Softmax mixture of IN, LN and BN means and variances; (N, C) and (N, C, H, W) inputs."""
 
-    batch_dependent = True
     foldable = False
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True,
     ) -> None:
-        super().__init__()
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum={momentum} is out of range: it must be in [0, 1] or null")
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        super().__init__(num_features, momentum, affine)
+        self.eps = eps
         self.mean_logits = nn.Parameter(torch.ones(len(KINDS)))
         self.var_logits = nn.Parameter(torch.ones(len(KINDS)))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1.0)
-        self.num_batches_tracked.zero_()
 
     def mixture(self, images: bool = True) -> tuple[Tensor, Tensor]:
         """Softmax weights (mean, variance) over ``KINDS`` (IN's weight 0 without H, W)."""
@@ -85,9 +74,7 @@ class SwitchableNorm(nn.Module):
             mean_bn = mean_in.mean(0, keepdim=True)
             var_bn = sq_in.mean(0, keepdim=True) - mean_bn.square()
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
-                    else self.momentum
+                factor = self.count_batch()
                 m = n * flat.shape[-1]
                 self.running_mean.lerp_(mean_bn.view(c), factor)
                 self.running_var.lerp_(var_bn.view(c) * (m / max(m - 1, 1)), factor)
@@ -99,9 +86,7 @@ class SwitchableNorm(nn.Module):
         var_in = sq_in - mean_in.square()
         var = var_w[0] * var_in + var_w[1] * var_ln + var_w[2] * var_bn
         y = (flat - mean) * torch.rsqrt(var.clamp_min(0) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(1, c, 1) + self.bias.view(1, c, 1)
-        return y.reshape(x.shape)
+        return self.affine(y).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
