@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_identical, choices, part
-from test_ics import fit
+from test_ics import final_state
 from torch import nn
 
 from normlab.callbacks.depth import DepthProbe, depth_probe, depth_summary, mean_cosine, stable_rank
@@ -120,15 +120,9 @@ def test_depth_summary_numbers():
 
 
 def test_training_is_bit_identical_with_and_without_the_depth_probe(tmp_path):
-    def final_state(root, callbacks):
-        trainer, module = fit(root, callbacks, steps_per_batch=2, dropout=0.2, max_steps=12)
-        assert trainer.global_step == 12
-        return copy.deepcopy({"model": module.state_dict(),
-                              "optimizer": trainer.optimizers[0].state_dict()})
-
-    plain = final_state(tmp_path / "plain", [])
+    plain = final_state(tmp_path / "plain", [], 12)
     probe = DepthProbe(every_n_steps=1, probe_size=64, output_dir=tmp_path / "probed")
-    probed = final_state(tmp_path / "probed", [probe])
+    probed = final_state(tmp_path / "probed", [probe], 12)
     scalars = read_scalars(tmp_path / "probed", "gradprofile/layer1/norm")
     assert sorted(scalars["gradprofile/layer1/norm"]) == list(range(13))  # 0..11, and the end
     assert_identical(probed, plain)

@@ -78,6 +78,15 @@ def fit(
     return trainer, module
 
 
+def final_state(root: Path, callbacks: list[pl.Callback], steps: int) -> dict:
+    """Model and optimizer state after `steps` steps with dropout and 2 steps per batch (a
+    probe that touched the RNG, the batch order or a buffer would change them)."""
+    trainer, module = fit(root, callbacks, steps_per_batch=2, dropout=0.2, max_steps=steps)
+    assert trainer.global_step == steps
+    return copy.deepcopy({"model": module.state_dict(),
+                          "optimizer": trainer.optimizers[0].state_dict()})
+
+
 @pytest.fixture(scope="module")
 def icsrun(tmp_path_factory):
     """One epoch on digits, 3 optimizer steps per Lightning batch, all ICS callbacks every 5."""
@@ -257,17 +266,11 @@ def test_grad_shift_with_adam_matches_a_copy_and_leaves_no_trace():
 
 
 def test_training_is_bit_identical_with_and_without_the_ics_callbacks(tmp_path):
-    def final_state(root, callbacks):
-        trainer, module = fit(root, callbacks, steps_per_batch=2, dropout=0.2, max_steps=20)
-        assert trainer.global_step == 20
-        return copy.deepcopy({"model": module.state_dict(),
-                              "optimizer": trainer.optimizers[0].state_dict()})
-
-    plain = final_state(tmp_path / "plain", [])
+    plain = final_state(tmp_path / "plain", [], 20)
     measured = final_state(tmp_path / "measured", [
         GradShift(every_n_steps=1), ICSMonitor(every_n_steps=1),
         WeightStats(every_n_steps=1),
-    ])
+    ], 20)
     assert read_scalars(tmp_path / "measured", "ics/head/grad_shift")  # it did measure
     assert_identical(measured, plain)
 
