@@ -16,8 +16,9 @@ One worker per core (per `trainer.devices` cores for DDP on CPU); a sweep whose 
 the CPU runs its jobs one after another in this process (they would share one device), as does a
 sweep of one job. `hydra.launcher.workers=N` says how many at once.
 
-Signals (normlab.run.signals): the launcher's process marks the sweep and passes the signal on;
-each running job saves its checkpoint and stops, jobs not started are not started.
+Signals (normlab.run.signals): the launcher's process marks the sweep (`<sweep dir>/.interrupted`);
+each running job sees the mark after its step, saves its checkpoint and stops, and jobs not
+started are not started.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, open_dict
+
+from normlab.run import signals
 
 log = logging.getLogger("normlab")
 
@@ -57,8 +60,6 @@ class LocalLauncher(BasicLauncher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
-        from normlab.run import signals
-
         workers = min(len(job_overrides), self.workers or workers_for(self.config))
         signals.jobs_run_in_this_process(workers <= 1)
         if workers <= 1:
@@ -75,8 +76,6 @@ class LocalLauncher(BasicLauncher):
         self, job_overrides: Sequence[Sequence[str]], first: int, workers: int
     ) -> list[JobReturn]:
         import cloudpickle
-
-        from normlab.run import signals
 
         context = cloudpickle.dumps((self.hydra_context, self.task_function, self.config,
                                      Singleton.get_state()))

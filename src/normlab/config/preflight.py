@@ -48,10 +48,10 @@ def check_command_line(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
             cfg = _compose(hydra, config_name, overrides, args.multirun)
             check_known_keys(hydra, config_name, cfg, overrides)
             check_output_dir(cfg, "sweep" if args.multirun else "run")
-            if args.multirun:
-                check_launcher(cfg)
             _as_a_job(cfg)  # ${hydra:job.num}, ${hydra:sweep.dir} resolve as in job 0
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        if args.multirun:
+            check_launcher(cfg)  # the sweep's one launcher: once, not per composed value
     finally:
         from hydra.core.hydra_config import HydraConfig
 
