@@ -108,35 +108,51 @@ def _sweep_experiment(jobs: list[dict[str, Any]]) -> Any:
     return experiment
 
 
-def write_sweep_figures(sweep_dir: Path) -> Path:
-    """The report's accuracy and ICS figures as images in `<sweep dir>/tensorboard/_sweep`, and
-    the sweep's hparams experiment."""
+def write_sweep_figures(sweep_dir: Path, part: str | None = None) -> Path:
+    """The report's accuracy and ICS figures and the depth probe's figures as images in
+    `<sweep dir>/tensorboard/_sweep`, and the sweep's hparams experiment. `part` (one of
+    FIGURE_PARTS) writes only that part, in its own event file: the parts can be drawn at once,
+    in separate processes."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from torch.utils.tensorboard import SummaryWriter
 
+    run_dir = sweep_dir / SWEEP_RUN
+    with SummaryWriter(str(run_dir)) as writer:
+        for name in [part] if part else FIGURE_PARTS:
+            for tag, figure in FIGURE_PARTS[name](sweep_dir, writer).items():
+                figure.set_dpi(FIGURE_DPI)  # TensorBoard shows images at their pixel size
+                canvas = FigureCanvasAgg(figure)
+                canvas.draw()
+                image = np.asarray(canvas.buffer_rgba())[..., :3]
+                writer.add_image(tag, image, 0, dataformats="HWC")
+    return run_dir
+
+
+def _report_figures(sweep_dir: Path, writer: Any) -> dict[str, Any]:
+    """The accuracy curves and ICS bands per group (normlab.results.report), and the sweep's
+    hparams experiment."""
     from normlab.results import report
     from normlab.results.runs import collect_jobs
 
+    writer.file_writer.add_summary(_sweep_experiment(collect_jobs(sweep_dir)))
     jobs = report.jobs_frame(sweep_dir)
     scalars = report.job_scalars(sweep_dir, jobs)
-    figures = {
+    return {
         "comparison/ics_bands": report.plot_ics(jobs, scalars),
         "comparison/accuracy": report.plot_curves(jobs, scalars),
     }
-    from normlab.results.depth import sweep_figures  # gradient profile and rank (depth probe)
 
-    figures.update(sweep_figures(sweep_dir))
-    run_dir = sweep_dir / SWEEP_RUN
-    with SummaryWriter(str(run_dir)) as writer:
-        writer.file_writer.add_summary(_sweep_experiment(collect_jobs(sweep_dir)))
-        for tag, figure in figures.items():
-            figure.set_dpi(150)  # TensorBoard shows images at their pixel size
-            canvas = FigureCanvasAgg(figure)
-            canvas.draw()
-            image = np.asarray(canvas.buffer_rgba())[..., :3]
-            writer.add_image(tag, image, 0, dataformats="HWC")
-    return run_dir
+
+def _depth_figures(sweep_dir: Path, writer: Any) -> dict[str, Any]:
+    """The gradient profile and representation rank per group (normlab.results.depth)."""
+    from normlab.results.depth import sweep_figures
+
+    return sweep_figures(sweep_dir)
+
+
+FIGURE_PARTS = {"report": _report_figures, "depth": _depth_figures}
+FIGURE_DPI = 100
 
 
 def tensorboard_hint(sweep_dir: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,23 @@ def _import_in_background(modules: tuple[str, ...]) -> None:
     threading.Thread(target=load, name="normlab-figure-imports", daemon=True).start()
 
 
-def _write_figures(sweep_dir: Path) -> None:
-    """The comparison figures into TensorBoard; a figure must never fail the sweep."""
+def _start_figures(sweep_dir: Path) -> Callable[[], None]:
+    """Start the comparison figures into TensorBoard, their parts drawn at once on the sweep's
+    workers when it has them; return the wait for them. A figure must never fail the sweep."""
+    from hydra_plugins.normlab_local.local_launcher import start_in_workers
     from normlab.results import dashboard
 
-    try:
-        dashboard.write_sweep_figures(sweep_dir)
-    except Exception as error:  # e.g. no event files at all (logger=csv)
-        print(f"normlab: no comparison figure in TensorBoard: {error}", file=sys.stderr)
-    print(dashboard.tensorboard_hint(sweep_dir), flush=True)
+    drawn = start_in_workers(dashboard.write_sweep_figures,
+                             [(sweep_dir, part) for part in dashboard.FIGURE_PARTS])
+
+    def finish() -> None:
+        try:
+            drawn()
+        except Exception as error:  # e.g. no event files at all (logger=csv)
+            print(f"normlab: no comparison figure in TensorBoard: {error}", file=sys.stderr)
+        print(dashboard.tensorboard_hint(sweep_dir), flush=True)
+
+    return finish
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -178,12 +187,16 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         claim_sweep_dir(Path(config.hydra.sweep.dir), config)
-        _import_in_background(FIGURE_IMPORTS)
+        # The local launcher draws the figures on its warm workers, or runs the jobs in this
+        # process, where an import thread would take turns with the job.
+        if not str(config.hydra.launcher.get("_target_", "")).endswith("LocalLauncher"):
+            _import_in_background(FIGURE_IMPORTS)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        figures = _start_figures(sweep_dir)  # drawn on the workers while the summary is written
         rows = write_summary(sweep_dir)
-        _write_figures(sweep_dir)
+        figures()
         bad = Counter(str(row.get("status")) for row in rows
                       if row.get("status") not in ("ok", "diverged"))
         if bad:  # the exit code follows the worst outcome: any job not ok/diverged fails the sweep

@@ -7,6 +7,7 @@ SIGINT/SIGTERM (128 + the signal's number).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +20,34 @@ from normlab.run import signals
 
 def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn:
     """`preflight` the arguments, run `hydra_main`, and exit with the code of how it ended."""
+    try:
+        _run(hydra_main, argv)
+    except SystemExit as end:
+        _exit_now(end.code)
+
+
+def _exit_now(code: int | str | None) -> NoReturn:
+    """Exit once everything is written and flushed, without the interpreter's teardown: with
+    torch, matplotlib and pandas loaded it takes a second and writes nothing. Under a profiler,
+    a coverage tool or a debugger (which write at exit), the normal exit."""
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    logging.shutdown()  # flushes and closes every log file
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    from hydra_plugins.normlab_local.local_launcher import close_workers, stop_forkserver
+
+    close_workers()
+    stop_forkserver()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def _run(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn:
     os.environ[signals.LAUNCHER_PID] = str(os.getpid())
     signals.install()
     from hydra_plugins.normlab_local.local_launcher import start_workers_early
