@@ -1,11 +1,11 @@
 """The local launcher (hydra/launcher=local, the default for `-m`): a sweep's jobs on every core
 of this machine, each job exactly as it would run alone.
 
-Workers are forked from one server process (multiprocessing's forkserver) that has imported what
-a job needs (torch, Lightning, normlab) and has computed nothing: the imports are paid once per
-sweep, and a fork never inherits a busy OpenMP thread pool (a child forked after torch ran a
-parallel region hangs). The server starts as early as possible (`start_workers_early`), so its
-imports overlap the command line's checks.
+Workers are forked from one server process (multiprocessing's forkserver, normlab.run.forkserver)
+that has imported what a job needs (torch, Lightning, normlab) and has computed nothing: the
+imports are paid once per sweep, and a fork never inherits a busy OpenMP thread pool (a child
+forked after torch ran a parallel region hangs). The server starts first thing (train.py), so
+its imports overlap the command line's checks.
 
 Each job keeps the torch threads it would have alone (torch's default, or `torch_threads`): the
 same number of threads gives the same reductions, so a job's numbers do not depend on the sweep
@@ -29,7 +29,6 @@ started are not started.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -45,12 +44,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from normlab.run import signals
+from normlab.run.forkserver import forkserver
 
 log = logging.getLogger("normlab")
-
-# What a job imports, loaded once in the forkserver so every forked worker starts warm.
-JOB_IMPORTS = ["normlab.train", "lightning.pytorch", "normlab.models.module"]
-
 
 class LocalLauncher(BasicLauncher):
     """Hydra's BasicLauncher on every core: jobs in forked worker processes, results in order."""
@@ -191,18 +187,6 @@ def close_workers() -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def stop_forkserver() -> None:
-    """End the forkserver now, not once it notices this process is gone: it has nothing to save,
-    and its interpreter's teardown would take a core from whatever runs next."""
-    import signal
-    from multiprocessing import forkserver as server
-
-    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
-    if pid is not None:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def workers_for(config: DictConfig) -> int:
     """One worker per core this process may use (per `trainer.devices` cores for DDP on CPU);
     one in all when the trainer is not on the CPU."""
@@ -213,35 +197,6 @@ def workers_for(config: DictConfig) -> int:
     return max(1, len(os.sched_getaffinity(0)) // processes_per_job(config))
 
 
-def forkserver() -> Any:
-    """The forkserver context, its server started with JOB_IMPORTS loaded."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(JOB_IMPORTS)
-    passive = "OMP_WAIT_POLICY" not in os.environ
-    if passive:  # read by OpenMP when the server loads it: its forked workers inherit it
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        from multiprocessing import forkserver as server
-
-        server.ensure_running()
-    finally:
-        if passive:
-            del os.environ["OMP_WAIT_POLICY"]
-    return context
-
-
-def start_workers_early(argv: Sequence[str]) -> None:
-    """Start the forkserver now, when `argv` is a sweep for this launcher: its imports then run
-    beside the command line's checks instead of after them."""
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    other_launcher = any(a.startswith("hydra/launcher=") and a != "hydra/launcher=local"
-                         for a in argv)
-    if multirun and not other_launcher:
-        forkserver()
-
-
 _job: dict[str, Any] = {}  # in a worker: what every job of the sweep shares
 
 
@@ -249,6 +204,7 @@ def _adopt(context: bytes, launcher: int) -> None:
     import cloudpickle
 
     _die_with(launcher)
+    os.environ[signals.LAUNCHER_PID] = str(launcher)  # the forkserver may predate the variable
     hydra_context, task_function, singletons = cloudpickle.loads(context)
     Singleton.set_state(singletons)
     _job.update(hydra_context=hydra_context, task_function=task_function)

@@ -28,31 +28,37 @@ def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn
 
 def _exit_now(code: int | str | None) -> NoReturn:
     """Exit once everything is written and flushed, without the interpreter's teardown: with
-    torch, matplotlib and pandas loaded it takes a second and writes nothing. Under a profiler,
-    a coverage tool or a debugger (which write at exit), the normal exit."""
+    torch, matplotlib and pandas loaded it takes a second and writes nothing. The normal exit
+    when something else still runs and cleans up at exit (joblib's workers, a DataLoader's, a
+    thread), or under a profiler, a coverage tool or a debugger (they write at exit)."""
     import logging
+    import multiprocessing
+    import threading
 
+    from hydra_plugins.normlab_local.local_launcher import close_workers
+    from normlab.run import forkserver
+
+    close_workers()
+    forkserver.stop()
+    others = multiprocessing.active_children() or [
+        t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others or sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
     logging.shutdown()  # flushes and closes every log file
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    from hydra_plugins.normlab_local.local_launcher import close_workers, stop_forkserver
-
-    close_workers()
-    stop_forkserver()
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        sys.exit(code)
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def _run(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn:
     os.environ[signals.LAUNCHER_PID] = str(os.getpid())
     signals.install()
-    from hydra_plugins.normlab_local.local_launcher import start_workers_early
+    from normlab.run.forkserver import start_early
 
-    start_workers_early(argv)  # a sweep's workers import torch and Lightning during the checks
+    start_early(argv)  # (normlab-train; train.py has started it already)
     try:
         _checked_then_run(hydra_main, argv)
     except signals.RunInterrupted as stop:
