@@ -116,12 +116,12 @@ def assert_identical(a, b) -> None:
 
 
 def event_tags(directory: Path) -> dict[str, set[str]]:
-    """Histogram and scalar tags in all TensorBoard event files under `directory`."""
+    """Histogram, scalar and image tags in all TensorBoard event files under `directory`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags: dict[str, set[str]] = {"histograms": set(), "scalars": set()}
+    tags: dict[str, set[str]] = {"histograms": set(), "scalars": set(), "images": set()}
     for folder in {p.parent for p in directory.rglob("events.out.tfevents.*")}:
-        accumulator = EventAccumulator(str(folder), size_guidance={"histograms": 0, "scalars": 0})
+        accumulator = EventAccumulator(str(folder), size_guidance=dict.fromkeys(tags, 0))
         accumulator.Reload()
         for kind in tags:
             tags[kind].update(accumulator.Tags().get(kind, []))

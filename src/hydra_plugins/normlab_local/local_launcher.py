@@ -66,7 +66,7 @@ class LocalLauncher(BasicLauncher):
     ) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         loader = hydra_context.config_loader
-        compose = type(loader).load_sweep_config.__get__(loader)
+        self._compose = compose = type(loader).load_sweep_config.__get__(loader)
 
         def kept(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
             config = compose(master_config, sweep_overrides)
@@ -95,13 +95,11 @@ class LocalLauncher(BasicLauncher):
     def _job_configs(self, job_overrides: Sequence[Sequence[str]], first: int) -> list[DictConfig]:
         """Each job's config as Hydra composes it, numbered: the one the sweeper's check composed,
         or composed now."""
-        assert self.hydra_context is not None
-        loader = self.hydra_context.config_loader
         configs = []
         for idx, overrides in enumerate(job_overrides, start=first):
             config = self.composed.pop(tuple(overrides), None)
             if config is None:
-                config = loader.load_sweep_config(self.config, list(overrides))
+                config = self._compose(self.config, list(overrides))
             with open_dict(config):
                 config.hydra.job.id = idx
                 config.hydra.job.num = idx
