@@ -1,9 +1,4 @@
-import sys
+from normlab.run.forkserver import main  # a sweep's worker server first, then normlab.train.main
 
 if __name__ == "__main__":  # guard: DDP spawns processes that re-import this file
-    from normlab.run.forkserver import start_early
-
-    start_early(sys.argv[1:])  # first: a sweep's workers import torch and Lightning meanwhile
-    from normlab.train import main
-
     main()

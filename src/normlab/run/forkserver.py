@@ -1,9 +1,10 @@
 """The server that a sweep's local workers are forked from (hydra/launcher=local): a process that
 has imported what a job needs and has computed nothing.
 
-Started first thing by the command line (`start_early`, before Hydra is imported), so that its
-imports (torch, Lightning: most of a short sweep's start) run while the command line composes
-and checks the sweep. Only the standard library is imported here, for that reason.
+Started first thing by the command line (`main`, what `train.py` and `normlab-train` run, before
+Hydra is imported), so that its imports (torch, Lightning: most of a short sweep's start) run
+while the command line composes and checks the sweep. Only the standard library is imported
+here, for that reason.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def forkserver() -> Any:
         if passive:
             del os.environ["OMP_WAIT_POLICY"]
     return context
+
+
+def main() -> None:
+    """The command line: the server first when the arguments are a sweep, then
+    `normlab.train.main` (Hydra, the checks, the runs)."""
+    import sys
+
+    start_early(sys.argv[1:])
+    from normlab.train import main as command_line
+
+    command_line()
 
 
 def start_early(argv: Sequence[str]) -> None:
