@@ -48,6 +48,7 @@ from normlab.run.forkserver import forkserver
 
 log = logging.getLogger("normlab")
 
+
 class LocalLauncher(BasicLauncher):
     """Hydra's BasicLauncher on every core: jobs in forked worker processes, results in order."""
 

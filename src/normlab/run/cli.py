@@ -27,11 +27,12 @@ def run_command_line(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn
 
 
 def _exit_now(code: int | str | None) -> NoReturn:
-    """Exit once everything is written and flushed, without the interpreter's teardown: with
-    torch, matplotlib and pandas loaded it takes a second and writes nothing. The normal exit
-    when something else still runs and cleans up at exit (joblib's workers, a DataLoader's, a
-    thread), or under a profiler, a coverage tool or a debugger (they write at exit)."""
-    import logging
+    """Exit once everything is written: the exit functions run (log files flushed and closed,
+    multiprocessing's resources released, ...) but not the interpreter's teardown, which with
+    torch, matplotlib and pandas loaded takes a second and writes nothing. The normal exit when
+    something else still runs (joblib's workers, a DataLoader's, a thread), or under a profiler,
+    a coverage tool or a debugger (they write at exit)."""
+    import atexit
     import multiprocessing
     import threading
 
@@ -46,7 +47,7 @@ def _exit_now(code: int | str | None) -> NoReturn:
         sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
-    logging.shutdown()  # flushes and closes every log file
+    atexit._run_exitfuncs()  # noqa: SLF001 -- what the normal exit runs first (logging.shutdown...)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
