@@ -57,9 +57,6 @@ def _exit_now(code: int | str | None) -> NoReturn:
 def _run(hydra_main: Callable[[], Any], argv: list[str]) -> NoReturn:
     os.environ[signals.LAUNCHER_PID] = str(os.getpid())
     signals.install()
-    from normlab.run.forkserver import start_early
-
-    start_early(argv)  # (normlab-train; train.py has started it already)
     try:
         _checked_then_run(hydra_main, argv)
     except signals.RunInterrupted as stop:
