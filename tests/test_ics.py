@@ -30,7 +30,12 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.callbacks.ics import GradShift, ICSMonitor, StepCadence, WeightStats
-from normlab.callbacks.measure import distribution_stats, grad_shift, probe_activations
+from normlab.callbacks.measure import (
+    ActivationProbe,
+    distribution_stats,
+    grad_shift,
+    probe_activations,
+)
 from normlab.callbacks.summary import activation_summary
 from normlab.data.datamodule import NormLabDataModule
 from normlab.models.backbones import MLP
@@ -337,6 +342,29 @@ def test_probe_normalizes_with_batch_statistics_and_changes_nothing():
     assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     assert all(m.training for m in model.modules())
+
+
+def test_a_probe_built_once_measures_as_a_fresh_one_after_training_steps():
+    torch.manual_seed(0)
+    backbone = MLP((20,), 3, hidden_sizes=(16, 8), norm=part("norm", "bn"), dropout=0.5)
+    backbone.train()
+    x = torch.randn(256, 20) * 3 + 2
+    probe = ActivationProbe(backbone, x)  # what the ICS callback keeps for a whole fit
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.5)
+    for _ in range(3):
+        buffers = copy.deepcopy(dict(backbone.named_buffers()))
+        without_dropout = copy.deepcopy(backbone)
+        for module in without_dropout.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # the probe measures with dropout off
+        kept, fresh = probe(), probe_activations(without_dropout, x)
+        for got, expected in zip(kept, fresh, strict=True):
+            assert got.keys() == expected.keys() == {"layer1", "layer2"}
+            assert all(torch.equal(got[k], expected[k]) for k in got)
+        assert all(torch.equal(buffers[k], v) for k, v in backbone.named_buffers())
+        assert all(m.training for m in backbone.modules())  # dropout back on, too
+        F.cross_entropy(backbone(x), torch.zeros(256, dtype=torch.long)).backward()
+        optimizer.step()  # new weights and running statistics: the kept probe sees them
 
 
 def test_probe_eval_mode_uses_running_statistics():

@@ -21,6 +21,7 @@ from normlab.config import CONFIG_DIR, ConfigError, one_line
 from normlab.config.resolvers import register_resolvers
 from normlab.config.validate import validate
 from normlab.results import dashboard
+from normlab.results.checksums import use_native_crc32c
 from normlab.results.runs import METRICS, is_multirun, task_overrides, write_metrics
 from normlab.run import process, resume
 from normlab.run.signals import RunInterrupted, interruption_recorded, keeps_interruption
@@ -81,6 +82,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Any] = ()) -> tuple[Any, list[Any]]:
     """(Trainer, the configured callbacks) with the configured loggers; groups may be empty."""
     from hydra.utils import instantiate
+
+    use_native_crc32c()  # the TensorBoard logger's event files
 
     def group(key: str) -> list[Any]:
         return [instantiate(c) for c in (cfg.get(key) or {}).values() if c is not None]

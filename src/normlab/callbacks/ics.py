@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from normlab.callbacks.measure import (
+    ActivationProbe,
     check_probe_mode,
     distribution_stats,
     grad_norm,
     grad_shift,
-    probe_activations,
     probe_batch,
     trained_weight,
 )
@@ -222,8 +222,10 @@ class ICSMonitor(RecordingCallback):
         self.weights = weights
         self.layout = layout
         self.probe: torch.Tensor | None = None
+        self._activations: ActivationProbe | None = None  # built at the first measurement of a fit
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activations = None
         if trainer.is_global_zero:
             self.probe = probe_batch(trainer, self.probe_size)
         # TensorBoard's histogram summary calls numpy's `dot`, which wakes OpenBLAS's thread pool;
@@ -232,6 +234,7 @@ class ICSMonitor(RecordingCallback):
         self._blas_threads = threadpool_limits(limits=1, user_api="blas")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activations = None
         blas_threads = getattr(self, "_blas_threads", None)
         if blas_threads is not None:
             blas_threads.restore_original_limits()
@@ -270,7 +273,9 @@ class ICSMonitor(RecordingCallback):
         # the backbone alone: the LightningModule's torchmetrics modules hash their whole state
         # each time a module walk meets them (model.modules(), model.train())
         model = getattr(pl_module, "backbone", pl_module)
-        preact, norm_out = probe_activations(model, self.probe, self.probe_mode)
+        if self._activations is None:
+            self._activations = ActivationProbe(model, self.probe, self.probe_mode)
+        preact, norm_out = self._activations()
         layers = pl_module.weight_layers() if self.weights else {}
         # logged with the activations: one event
         extra = {**grad_norms(layers), **norm_scalars(model)} if scalars else {}

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from normlab.results.checksums import use_native_crc32c
 from normlab.results.runs import sorted_layers
 
 # Config groups whose chosen option is an hparam, and top-level keys that are.
@@ -117,6 +118,7 @@ def write_sweep_figures(sweep_dir: Path, part: str | None = None) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from torch.utils.tensorboard import SummaryWriter
 
+    use_native_crc32c()
     run_dir = sweep_dir / SWEEP_RUN
     with SummaryWriter(str(run_dir)) as writer:
         for name in [part] if part else FIGURE_PARTS:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from normlab.results.checksums import use_native_crc32c
+
 # The Time Series dashboard's default run palette (light theme), from the installed package's
 # tensorboard/webfiles.zip, index.js: settings colorPalette {id:"default", colors: Slate, Cyan,
 # Pink, Yellow, Purple, Light Green, Orange}. The legacy Polymer dashboards (custom scalars)
@@ -41,6 +43,7 @@ def start_time(run_dir: Path | str) -> float:
     event file (in name order) under `run_dir`; +inf without event files (listed last)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    use_native_crc32c()
     for path in sorted(Path(run_dir).rglob(EVENT_GLOB)):
         try:
             for event in EventFileLoader(str(path)).Load():

@@ -19,6 +19,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from normlab.results.checksums import use_native_crc32c
+
 # Final metrics of a run, in the order tables show them.
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
            # with callbacks=precise_bn: the same evaluation with the EMA running statistics
@@ -231,6 +233,7 @@ def read_scalars(directory: Path | str, prefix: str = "") -> Series:
     (`tag -> {step: value}`, the last value logged at a step wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    use_native_crc32c()
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file
     series: Series = {}
     for folder in sorted({p.parent for p in Path(directory).rglob("events.out.tfevents.*")}):
