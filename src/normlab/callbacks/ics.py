@@ -21,10 +21,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import histogram
 
 from normlab.callbacks.measure import (
     ActivationProbe,
@@ -63,55 +64,74 @@ class StepCadence:
 # ---------------------------------------------------------------- where numbers go
 
 
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send scalars to every logger of the trainer (TensorBoard, CSV, ...) at optimizer `step`.
-
-    TensorBoard gets them as one event (one summary holding every value) rather than one event
-    per scalar, as `log_metrics` writes them: the event writer's queue holds 20 events and hands
-    each to its own thread, so a dense probe's dozen scalars would cost a dozen thread hand-offs.
-    The event files read the same: one scalar series per tag.
-    """
-    if not metrics:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_prefix", ""):
-            values = [Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
-            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
-        else:
-            logger.log_metrics(metrics, step=step)
-
-
-def tensorboard_writers(trainer: pl.Trainer) -> list[SummaryWriter]:
-    """The SummaryWriters of the trainer's TensorBoard loggers (histograms exist only there)."""
-    loggers = trainer.loggers
-    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
-
-
-def log_histogram(
-    trainer: pl.Trainer, tag: str, values: torch.Tensor, step: int, bins: int
+def log_scalars(
+    trainer: pl.Trainer,
+    metrics: dict[str, float],
+    step: int,
+    histograms: dict[str, torch.Tensor] | None = None,
+    bins: int = 64,
 ) -> None:
-    """Histogram of the finite `values` to every TensorBoard logger (histograms exist only there).
+    """Send scalars to every logger of the trainer (TensorBoard, CSV, ...) at optimizer `step`,
+    and the `histograms` (tag -> values) to its TensorBoard loggers (histograms exist only there).
+
+    TensorBoard gets everything as one event (one summary holding every value) rather than one
+    event per scalar or histogram, as `log_metrics` and `add_histogram` write them: TensorBoard's
+    writer thread opens, appends to and closes the event file once per event. The event files
+    read the same: one series per tag.
+    """
+    tensorboard = any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
+    binned = histogram_values(histograms, bins) if histograms and tensorboard else []
+    for logger in trainer.loggers:
+        is_tensorboard = isinstance(logger, TensorBoardLogger)
+        one_event = is_tensorboard and not getattr(logger, "_prefix", "")
+        if metrics and not one_event:
+            logger.log_metrics(metrics, step=step)
+        values = [Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
+        values = [*values, *binned] if one_event else binned if is_tensorboard else []
+        if values:
+            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+
+
+def histogram_values(histograms: dict[str, torch.Tensor], bins: int) -> list[Summary.Value]:
+    """TensorBoard histograms (equal-width `bins`) of the finite values of each tensor.
 
     A diverged model has NaN/inf weights and activations; TensorBoard refuses to bin those, and a
     measurement must never be what fails a run, so they are left out (all of them: no histogram).
+    Tensors that are the same data (a norm's output entering the nonlinearity is both
+    `norm_out/<layer>` and `preact/<layer>`) are binned once.
     """
-    values = values.detach().float().cpu().reshape(-1)
-    values = values[torch.isfinite(values)]
-    if values.numel() == 0:
-        return
-    for writer in tensorboard_writers(trainer):
-        writer.add_histogram(tag, values, step, bins=bins)
+    values, binned = [], {}
+    for tag, x in histograms.items():
+        same_data = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride())
+        if same_data not in binned:
+            binned[same_data] = _histogram(x, bins)
+        if binned[same_data] is not None:
+            values.append(Summary.Value(tag=tag, histo=binned[same_data]))
+    return values
+
+
+def _histogram(x: torch.Tensor, bins: int) -> HistogramProto | None:
+    flat = x.detach().float().cpu().reshape(-1)
+    finite = torch.isfinite(flat)
+    if not finite.all():
+        flat = flat[finite]
+    if flat.numel() == 0:
+        return None
+    return histogram("", flat, bins).value[0].histo  # what SummaryWriter.add_histogram writes
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[SummaryWriter]:
+    """The SummaryWriters of the trainer's TensorBoard loggers (the dashboard layout goes there)."""
+    loggers = trainer.loggers
+    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
 def log_weight_stats(
     trainer: pl.Trainer, layers: dict[str, nn.Module], step: int, bins: int | None = 64
 ) -> None:
     """Gradient norm of every layer to every logger; weight histograms (unless `bins` is None)."""
-    log_scalars(trainer, grad_norms(layers), step)
-    if bins is None:
-        return
-    for name, layer in layers.items():
-        log_histogram(trainer, f"weights/{name}", layer.weight, step, bins)
+    weights = {f"weights/{name}": layer.weight for name, layer in layers.items()}
+    log_scalars(trainer, grad_norms(layers), step, weights if bins else None, bins or 64)
 
 
 def norm_scalars(pl_module: nn.Module) -> dict[str, float]:
@@ -279,12 +299,11 @@ class ICSMonitor(RecordingCallback):
         layers = pl_module.weight_layers() if self.weights else {}
         # logged with the activations: one event
         extra = {**grad_norms(layers), **norm_scalars(model)} if scalars else {}
-        self.log_activations(trainer, step, preact, histograms, scalars, extra=extra)
-        if histograms:
-            for layer, x in norm_out.items():
-                log_histogram(trainer, f"norm_out/{layer}", x, step, self.bins)
-        for name, layer in layers.items() if histograms else ():
-            log_histogram(trainer, f"weights/{name}", layer.weight, step, self.bins)
+        extra_histograms = {
+            **{f"norm_out/{layer}": x for layer, x in norm_out.items()},
+            **{f"weights/{name}": layer.weight for name, layer in layers.items()},
+        } if histograms else {}
+        self.log_activations(trainer, step, preact, histograms, scalars, extra, extra_histograms)
 
     def log_activations(
         self,
@@ -294,20 +313,19 @@ class ICSMonitor(RecordingCallback):
         histograms: bool = True,
         scalars: bool = True,
         extra: dict[str, float] | None = None,
+        extra_histograms: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """ics/<layer>/* scalars (recorded for metrics.json; `extra` scalars logged with them in
-        one event) and the `preact/<layer>` histograms."""
-        if scalars:
-            metrics = {
-                f"ics/{layer}/{name}": value
-                for layer, x in activations.items()
-                for name, value in distribution_stats(x).items()
-            }
-            log_scalars(trainer, {**metrics, **(extra or {})}, step)
-            self.record(metrics, step)
-        if histograms and self.histograms:
-            for layer, x in activations.items():
-                log_histogram(trainer, f"preact/{layer}", x, step, self.bins)
+        """ics/<layer>/* scalars (recorded for metrics.json) and the `preact/<layer>` histograms,
+        logged with the `extra` scalars and `extra_histograms` as one event."""
+        metrics = {
+            f"ics/{layer}/{name}": value
+            for layer, x in activations.items()
+            for name, value in distribution_stats(x).items()
+        } if scalars else {}
+        preact = {f"preact/{layer}": x for layer, x in activations.items()}
+        binned = {**preact, **(extra_histograms or {})} if histograms and self.histograms else {}
+        log_scalars(trainer, {**metrics, **(extra or {})}, step, binned, self.bins)
+        self.record(metrics, step)
 
     def ics_summary(self) -> dict[str, dict[str, float]]:
         """Per layer: p50 start/end/travel/max shift and the p15-p85 spread at start and end."""
