@@ -387,11 +387,11 @@ def test_norm_scalars_are_logged_under_norm_layer_name():
     from normlab.models.backbones import CNN
 
     model = CNN((1, 8, 8), 10, norm=part("norm", "switchable"))
-    scalars = norm_scalars(model)
+    scalars = norm_scalars(model.norm_layers())
     assert set(scalars) == {f"norm/layer{i}/{s}_{k}" for i in (1, 2) for s in ("mean", "var")
                             for k in ("in", "ln", "bn")}
     assert scalars["norm/layer1/mean_bn"] == pytest.approx(1 / 3)
-    assert norm_scalars(CNN((1, 8, 8), 10, norm=part("norm", "bn"))) == {}
+    assert norm_scalars(CNN((1, 8, 8), 10, norm=part("norm", "bn")).norm_layers()) == {}
 
 
 @pytest.mark.parametrize(("pair", "norm", "weights"), [("gn_ws", "GroupNorm", "standardized"),

@@ -14,6 +14,7 @@ callback keeps what it logged, so `ics_summary()` can put per-layer numbers in `
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import histogram
@@ -134,13 +135,12 @@ def log_weight_stats(
     log_scalars(trainer, grad_norms(layers), step, weights if bins else None, bins or 64)
 
 
-def norm_scalars(pl_module: nn.Module) -> dict[str, float]:
+def norm_scalars(norms: dict[str, nn.Module]) -> dict[str, float]:
     """`norm/<layer>/<name>` for every norm layer with a `scalars()` method (e.g. the mixture
     weights of Switchable Norm): what a norm wants watched, logged at the ICS cadence."""
-    layers = pl_module.norm_layers() if hasattr(pl_module, "norm_layers") else {}
     return {
         f"norm/{layer}/{name}": value
-        for layer, norm in layers.items()
+        for layer, norm in norms.items()
         if callable(getattr(norm, "scalars", None))
         for name, value in norm.scalars().items()
     }
@@ -169,6 +169,13 @@ def write_layout(trainer: pl.Trainer, layers: list[str], grads: bool = True) -> 
             sections.update(callback.layout_section(layers))
     for writer in tensorboard_writers(trainer):
         writer.add_custom_scalars(ics_layout(layers, sections, grads))
+
+
+@functools.cache
+def thread_pools() -> ThreadpoolController:
+    """The thread pools of the libraries loaded in this process (BLAS, OpenMP), found once: the
+    search opens every loaded library, and a sweep's worker runs one fit after another."""
+    return ThreadpoolController()
 
 
 # ---------------------------------------------------------------- recording for metrics.json
@@ -242,7 +249,9 @@ class ICSMonitor(RecordingCallback):
         self.weights = weights
         self.layout = layout
         self.probe: torch.Tensor | None = None
-        self._activations: ActivationProbe | None = None  # built at the first measurement of a fit
+        # what a measurement needs from the model, looked up at the first one of a fit
+        self._activations: ActivationProbe | None = None
+        self._weight_layers: dict[str, nn.Module] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activations = None
@@ -251,7 +260,7 @@ class ICSMonitor(RecordingCallback):
         # TensorBoard's histogram summary calls numpy's `dot`, which wakes OpenBLAS's thread pool;
         # its idle threads then busy-wait for ~0.1 s, stealing the core training runs on. These
         # dots are tiny: one BLAS thread is all they need (restored at the end of fit).
-        self._blas_threads = threadpool_limits(limits=1, user_api="blas")
+        self._blas_threads = thread_pools().limit(limits=1, user_api="blas")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activations = None
@@ -295,10 +304,11 @@ class ICSMonitor(RecordingCallback):
         model = getattr(pl_module, "backbone", pl_module)
         if self._activations is None:
             self._activations = ActivationProbe(model, self.probe, self.probe_mode)
+            self._weight_layers = pl_module.weight_layers() if self.weights else {}
         preact, norm_out = self._activations()
-        layers = pl_module.weight_layers() if self.weights else {}
+        layers = self._weight_layers
         # logged with the activations: one event
-        extra = {**grad_norms(layers), **norm_scalars(model)} if scalars else {}
+        extra = {**grad_norms(layers), **norm_scalars(self._activations.norms)} if scalars else {}
         extra_histograms = {
             **{f"norm_out/{layer}": x for layer, x in norm_out.items()},
             **{f"weights/{name}": layer.weight for name, layer in layers.items()},
