@@ -28,8 +28,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
+from torch.utils.tensorboard.summary import histogram
 
-from normlab.callbacks.ics import GradShift, ICSMonitor, StepCadence, WeightStats
+from normlab.callbacks.ics import (
+    GradShift,
+    ICSMonitor,
+    StepCadence,
+    WeightStats,
+    histogram_values,
+)
 from normlab.callbacks.measure import (
     ActivationProbe,
     distribution_stats,
@@ -188,6 +195,23 @@ def test_summary_survives_a_checkpoint(icsrun):
     restored = ICSMonitor()
     restored.load_state_dict(copy.deepcopy(icsrun["spy"].state_dict()))
     assert restored.ics_summary() == icsrun["spy"].ics_summary()
+
+
+def test_histograms_of_the_same_data_are_binned_once_and_read_as_tensorboard_writes_them():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    broken = x.clone()
+    broken[0, 0] = float("nan")
+    values = histogram_values(
+        {"preact/l": x, "norm_out/l": x.detach(), "other": x * 2, "half": x[:32],
+         "broken": broken, "dead": torch.full((4,), float("inf"))}, bins=16)
+    got = {v.tag: v.histo for v in values}
+    assert list(got) == ["preact/l", "norm_out/l", "other", "half", "broken"]  # no finite value
+    expected = {tag: histogram(tag, t, bins=16).value[0].histo  # what add_histogram writes
+                for tag, t in {"preact/l": x, "other": x * 2, "half": x[:32]}.items()}
+    assert got["preact/l"] == got["norm_out/l"] == expected["preact/l"]
+    assert got["other"] == expected["other"] != expected["preact/l"]
+    assert got["half"] == expected["half"] and got["half"].num == 32 * 8  # a view, not the same
+    assert got["broken"].num == 64 * 8 - 1  # the NaN left out
 
 
 def test_percentiles_are_sampled_above_the_quantile_limit():
