@@ -83,12 +83,16 @@ def log_scalars(
     tensorboard = any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
     binned = histogram_values(histograms, bins) if histograms and tensorboard else []
     for logger in trainer.loggers:
-        is_tensorboard = isinstance(logger, TensorBoardLogger)
-        one_event = is_tensorboard and not getattr(logger, "_prefix", "")
-        if metrics and not one_event:
-            logger.log_metrics(metrics, step=step)
-        values = [Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
-        values = [*values, *binned] if one_event else binned if is_tensorboard else []
+        if not isinstance(logger, TensorBoardLogger):
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+            continue
+        values = list(binned)
+        if getattr(logger, "_prefix", ""):  # Lightning prefixes the scalar tags itself
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+        else:
+            values += [Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
         if values:
             logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 

@@ -2,7 +2,8 @@
 
 - `distribution_stats`: the BN paper's percentiles (p15/p50/p85), mean and std of a tensor.
 - `probe_batch` / `probe_activations`: a fixed batch of held-out inputs, and the input of every
-  nonlinearity on it (the distribution internal covariate shift is about).
+  nonlinearity on it (the distribution internal covariate shift is about); `ActivationProbe`
+  keeps what that needs from the model, for a probe that runs every few steps.
 - `grad_norm`: the L2 norm of a layer's gradient.
 - `grad_shift`: gradient-based ICS (Santurkar et al. 2018, "How does batch normalization help
   optimization?", Definition 2.1). For weight layer i: G = dL/dW_i at the current weights;
@@ -71,7 +72,7 @@ def _quantiles(values: np.ndarray) -> list[float]:
     positions = [q * (values.size - 1) for q in PERCENTILES.values()]
     below = [math.floor(p) for p in positions]
     above = [math.ceil(p) for p in positions]
-    ordered = np.sort(values)  # numpy's vectorized sort beats its partition at several ranks
+    ordered = np.sort(values)
     return [
         float(ordered[lo] + (ordered[hi] - ordered[lo]) * np.float32(p - lo))
         for p, lo, hi in zip(positions, below, above, strict=True)
