@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.callbacks.no_trace import rng_rewinder, rng_untouched, untouched
+from normlab.callbacks.no_trace import Untouched, rng_rewinder, untouched
 
 # ---------------------------------------------------------------- distribution statistics
 
@@ -143,47 +143,33 @@ class ActivationProbe:
     generators are rewound. `mode="eval"` runs the model in eval mode: BN uses its running
     statistics, which at step 0 are the initial (0, 1) and later lag the batch statistics.
 
-    What the probe needs from the model (its modules, their buffers, which are dropout, the
-    nonlinearities and norms) is looked up once, here: a dense probe runs every few steps, and on
-    a small model walking the module tree and setting every module's mode cost more than the
-    forward pass. Build a new probe for a model whose modules change.
+    What the probe needs from the model (its modules and buffers -- `no_trace.Untouched` --, which
+    are dropout, the nonlinearities and norms) is looked up once, here: a dense probe runs every
+    few steps, and on a small model walking the module tree and setting every module's mode cost
+    more than the forward pass. Build a new probe for a model whose modules change.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, mode: str = "batch") -> None:
-        self.mode = check_probe_mode(mode)
+        batch = check_probe_mode(mode) == "batch"
         self.model = model
-        self.x = x.to(next(model.parameters()).device)
-        # a list, not a dict or set: torchmetrics' Metric hashes its whole state
-        self.modules = list(model.modules())
+        self.no_trace = Untouched(model)
+        self.x = x.to(self.no_trace.device)
         dropout = nn.modules.dropout._DropoutNd
-        self.probe_modes = [mode == "batch" and not isinstance(m, dropout) for m in self.modules]
-        self.buffer_owners = [
-            (m, name) for m in self.modules for name, b in m._buffers.items() if b is not None
-        ]
+        self.probe_modes = [batch and not isinstance(m, dropout) for m in self.no_trace.modules]
         self.nonlinearities = model.nonlinearities()
         self.norms = model.norm_layers() if hasattr(model, "norm_layers") else {}  # none: {}
 
     @torch.no_grad()  # no autograd graph: same values, a fraction of the cost
     def __call__(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        saved = [m._buffers[name].clone() for m, name in self.buffer_owners]
-        toggled = [
-            m for m, training in zip(self.modules, self.probe_modes, strict=True)
-            if m.training is not training
-        ]
-        try:
-            for m in toggled:
-                m.training = not m.training
-            with (
-                rng_untouched(self.x.device),
-                capture(self.nonlinearities) as preact,
-                capture(self.norms, what="output") as norm_out,
-            ):
-                self.model(self.x)
-        finally:
-            for m in toggled:
-                m.training = not m.training
-            for (m, name), value in zip(self.buffer_owners, saved, strict=True):
-                m._buffers[name].copy_(value)  # the buffer now, even if forward replaced it
+        with (
+            self.no_trace(),
+            capture(self.nonlinearities) as preact,
+            capture(self.norms, what="output") as norm_out,
+        ):
+            for m, training in zip(self.no_trace.modules, self.probe_modes, strict=True):
+                if m.training is not training:
+                    m.training = training
+            self.model(self.x)
         return preact, norm_out
 
 

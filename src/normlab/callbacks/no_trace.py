@@ -37,23 +37,40 @@ def rng_rewinder(devices: Sequence[torch.device]) -> Callable[[], None]:
     return rewind
 
 
+class Untouched:
+    """`untouched` for a model probed again and again (the dense ICS probe): its modules and
+    buffers are looked up once, here; `with keeper():` puts every module's train/eval mode, every
+    buffer and the random number generators back on exit. Yields (device, the CUDA devices
+    forked). Build a new one for a model whose modules change."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # a list, not a dict: torchmetrics' Metric hashes its whole state (the LightningModule's
+        # metrics are modules too), which made this line cost more than the probe's forward pass
+        self.modules = list(model.modules())
+        self.buffer_owners = [
+            (m, name) for m in self.modules for name, b in m._buffers.items() if b is not None
+        ]
+        self.device = next(model.parameters()).device
+
+    @contextmanager
+    def __call__(self) -> Iterator[tuple[torch.device, list[torch.device]]]:
+        modes = [module.training for module in self.modules]
+        saved = [m._buffers[name].detach().clone() for m, name in self.buffer_owners]
+        try:
+            with rng_untouched(self.device) as devices:
+                yield self.device, devices
+        finally:
+            for module, training in zip(self.modules, modes, strict=True):
+                if module.training is not training:
+                    module.training = training
+            with torch.no_grad():
+                for (m, name), value in zip(self.buffer_owners, saved, strict=True):
+                    m._buffers[name].copy_(value)  # the buffer now, even if one was replaced
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[tuple[torch.device, list[torch.device]]]:
     """On exit: every module's train/eval mode, every buffer (BN running statistics) and the
     random number generators as they were. Yields (device, the CUDA devices forked)."""
-    # a list, not a dict: torchmetrics' Metric hashes its whole state (the LightningModule's
-    # metrics are modules too), which made this line cost more than the probe's forward pass
-    modules = list(model.modules())  # one walk of the tree (a dense probe comes here often)
-    modes = [(module, module.training) for module in modules]
-    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers(recurse=False)]
-    device = next(model.parameters()).device
-    try:
-        with rng_untouched(device) as devices:
-            yield device, devices
-    finally:
-        for module, training in modes:
-            if module.training is not training:
-                module.training = training
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+    with Untouched(model)() as devices:
+        yield devices

@@ -11,6 +11,8 @@ implementation of google-crc32c in TensorBoard's place (tensorboardX does the sa
 
 from __future__ import annotations
 
+import functools
+
 try:
     import google_crc32c
 except ImportError:  # an environment without it keeps TensorBoard's own checksum
@@ -25,6 +27,7 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+@functools.cache
 def use_native_crc32c() -> None:
     """Make TensorBoard's event writer and reader use `masked_crc32c` (once per process; a no-op
     where google-crc32c has no C extension)."""
