@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.callbacks.ics import RecordingCallback, StepCadence, log_scalars
-from normlab.callbacks.measure import capture
-from normlab.callbacks.no_trace import untouched
+from normlab.callbacks.measure import capture, probe_modes
+from normlab.callbacks.no_trace import Untouched, set_modes
 from normlab.results.dashboard import Layout
 from normlab.results.runs import Series, layers_with
 
@@ -89,11 +89,9 @@ def probe_blocks(model: nn.Module) -> dict[str, nn.Module]:
 @contextmanager
 def _batch_statistics(model: nn.Module) -> Iterator[None]:
     """Train mode (norms on batch statistics), dropout off, and no trace left."""
-    with untouched(model):
-        model.train()
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.eval()
+    keeper = Untouched(model)
+    with keeper():
+        set_modes(keeper.modules, probe_modes(keeper.modules))
         yield
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normlab.callbacks.no_trace import Untouched, rng_rewinder, untouched
+from normlab.callbacks.no_trace import Untouched, rng_rewinder, set_modes, untouched
 
 # ---------------------------------------------------------------- distribution statistics
 
@@ -134,6 +134,13 @@ def probe_activations(
     return ActivationProbe(model, x, mode)()
 
 
+def probe_modes(modules: Sequence[nn.Module], batch: bool = True) -> list[bool]:
+    """Each module's mode in a probe: train (norms on the batch's own statistics) when `batch`,
+    else eval (running statistics); dropout off either way."""
+    dropout = nn.modules.dropout._DropoutNd
+    return [batch and not isinstance(m, dropout) for m in modules]
+
+
 class ActivationProbe:
     """`probe()`: (input of every nonlinearity, output of every norm layer) of `model` on the
     fixed batch `x`.
@@ -154,8 +161,7 @@ class ActivationProbe:
         self.model = model
         self.no_trace = Untouched(model)
         self.x = x.to(self.no_trace.device)
-        dropout = nn.modules.dropout._DropoutNd
-        self.probe_modes = [batch and not isinstance(m, dropout) for m in self.no_trace.modules]
+        self.probe_modes = probe_modes(self.no_trace.modules, batch)
         self.nonlinearities = model.nonlinearities()
         self.norms = model.norm_layers() if hasattr(model, "norm_layers") else {}  # none: {}
 
@@ -166,9 +172,7 @@ class ActivationProbe:
             capture(self.nonlinearities) as preact,
             capture(self.norms, what="output") as norm_out,
         ):
-            for m, training in zip(self.no_trace.modules, self.probe_modes, strict=True):
-                if m.training is not training:
-                    m.training = training
+            set_modes(self.no_trace.modules, self.probe_modes)
             self.model(self.x)
         return preact, norm_out
 

@@ -37,6 +37,14 @@ def rng_rewinder(devices: Sequence[torch.device]) -> Callable[[], None]:
     return rewind
 
 
+def set_modes(modules: Sequence[nn.Module], modes: Sequence[bool]) -> None:
+    """Set each module's train/eval flag to its mode, module by module and only where it differs
+    (`Module.train` walks every submodule again)."""
+    for module, training in zip(modules, modes, strict=True):
+        if module.training is not training:
+            module.training = training
+
+
 class Untouched:
     """`untouched` for a model probed again and again (the dense ICS probe): its modules and
     buffers are looked up once, here; `with keeper():` puts every module's train/eval mode, every
@@ -60,9 +68,7 @@ class Untouched:
             with rng_untouched(self.device) as devices:
                 yield self.device, devices
         finally:
-            for module, training in zip(self.modules, modes, strict=True):
-                if module.training is not training:
-                    module.training = training
+            set_modes(self.modules, modes)
             with torch.no_grad():
                 for (m, name), value in zip(self.buffer_owners, saved, strict=True):
                     m._buffers[name].copy_(value)  # the buffer now, even if one was replaced
